@@ -1,0 +1,51 @@
+"""The agent's settings, built once from the command line / environment / YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    projects: tuple[str, ...] = ("general",)
+    # broker
+    mqtt_broker: str = "localhost"
+    mqtt_port: int = 1883
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_protocol: str = "5"  # "3.1.1" or "5"
+    mqtt_keepalive: int = 60
+    client_id: str | None = None  # None: generated, unique per process
+    topic_prefix: str = ""  # e.g. "clinic1/": every project topic starts with it
+    # generation defaults (a request or a project may narrow them)
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    max_history_tokens: int = 2000
+    skip_thinking: bool = True
+    # sessions and limits
+    max_concurrent_sessions: int = 100
+    session_timeout: float = 3600.0
+    max_requests_per_session: int = 20
+    rate_limit_window: float = 60.0
+    max_queue: int = 256  # accepted but unanswered requests; above: "Server is overloaded"
+    max_payload_bytes: int = 1_000_000
+    request_timeout: float = 100.0  # a reply (maybe an error) before clients give up (45-120 s)
+    num_workers: int = 4  # threads that prepare prompts and publish replies
+
+    def __post_init__(self) -> None:
+        if not self.projects:
+            raise ValueError("at least one project is needed (--projects)")
+        if self.mqtt_protocol not in ("3.1.1", "5"):
+            raise ValueError(f"mqtt_protocol must be '3.1.1' or '5', got {self.mqtt_protocol!r}")
+        for name in ("max_tokens", "max_history_tokens", "max_concurrent_sessions",
+                     "max_requests_per_session", "max_queue", "max_payload_bytes", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("session_timeout", "rate_limit_window", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

@@ -1,0 +1,128 @@
+"""The engine's public interface: what the agent may use, and nothing else.
+
+The agent imports only this module, ``engine.tokenizer`` and the engine factory;
+a fake engine with the same surface makes agent tests fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.tokenizer import Tokenizer
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises for a user to read."""
+
+
+class UnsupportedError(EngineError):
+    """A requested feature, value or architecture that this engine does not support."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to build the engine; built once from the command line / YAML."""
+
+    model_path: str
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 32  # sequences in one batch
+    max_num_batched_tokens: int = 4096  # tokens in one forward pass (prefill chunks)
+    quantization: str | None = None  # None/"none": the checkpoint's own dtype
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16:
+            raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= 16")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string), "length", "cancelled", "error"
+    prompt_tokens: int
+    cached_prompt_tokens: int = 0
+    error: str | None = None
+    queue_s: float = 0.0  # submit -> first scheduled
+    ttft_s: float = 0.0  # submit -> first token
+    total_s: float = 0.0  # submit -> done
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete. Callbacks run on the engine thread: keep them short."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    on_done: Callable[[GenerationResult], None]
+    project: str = "general"
+    on_delta: Callable[[str], None] | None = None  # streamed text deltas, never a split character
+    metadata: dict = field(default_factory=dict)
+
+
+class EngineProtocol(Protocol):
+    """What the agent needs from an engine (the real one and test fakes)."""
+
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    def submit(self, request: GenerationRequest) -> None: ...
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def token_budget(self, project: str) -> int:
+        """Most tokens (prompt + completion) one request of ``project`` may hold."""
+        ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,63 @@
+"""The model's tokenizer and chat template, through transformers.
+
+Everything that counts tokens (history trimming, budgets) goes through this
+class, so that counts are exact for the model being served.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Used only when a checkpoint ships no chat template (a warning says so).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class Tokenizer:
+    """Thin wrapper over a transformers tokenizer: encode, decode, chat template, EOS ids."""
+
+    def __init__(self, hf_tokenizer, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.hf = hf_tokenizer
+        if not getattr(hf_tokenizer, "chat_template", None):
+            log.warning("the tokenizer has no chat template; using a plain ChatML layout")
+            hf_tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        eos = set(extra_eos_token_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(int(hf_tokenizer.eos_token_id))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, extra_eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as exc:  # transformers raises many types here
+            raise ValueError(f"cannot load the tokenizer from {path}: {exc}") from exc
+        return cls(hf, extra_eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the rendered conversation, exactly as the engine will see them."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))

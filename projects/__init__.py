@@ -1,0 +1,101 @@
+"""Projects: one YAML file each in this folder; adding one needs no code change.
+
+A project file holds its system prompt, optional generation defaults and its
+share of the KV cache. ``load_project`` reads it; an unknown name gets the
+generic assistant of ``general.yaml`` and a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+PROJECTS_DIR = Path(__file__).resolve().parent
+GENERIC = "general"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_KEYS = {"name", "description", "system_prompt", "temperature", "top_p", "max_tokens", "kv_share"}
+
+
+@dataclass(frozen=True)
+class ProjectSpec:
+    name: str
+    system_prompt: str
+    description: str = ""
+    temperature: float | None = None  # None: the agent's default
+    top_p: float | None = None
+    max_tokens: int | None = None
+    kv_share: float = 1.0  # relative weight of this project's KV-cache share
+
+
+def validate_project_name(name: str) -> str:
+    """Project names become MQTT topic levels: letters, digits, '_' and '-' only."""
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"invalid project name {name!r}: use 1-64 letters, digits, '_' or '-' "
+            "(it becomes an MQTT topic level)"
+        )
+    return name
+
+
+def available_projects(directory: Path = PROJECTS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def _read_spec(path: Path, name: str) -> ProjectSpec:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"project file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"project file {path} must hold a mapping")
+    unknown = set(data) - _KEYS
+    if unknown:
+        raise ValueError(f"project file {path}: unknown keys {sorted(unknown)}; allowed: {sorted(_KEYS)}")
+    prompt = data.get("system_prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"project file {path}: 'system_prompt' must be a non-empty string")
+    kv_share = float(data.get("kv_share", 1.0))
+    if kv_share <= 0:
+        raise ValueError(f"project file {path}: 'kv_share' must be > 0")
+    return ProjectSpec(
+        name=name,
+        system_prompt=prompt.strip(),
+        description=str(data.get("description", "")),
+        temperature=data.get("temperature"),
+        top_p=data.get("top_p"),
+        max_tokens=data.get("max_tokens"),
+        kv_share=kv_share,
+    )
+
+
+def load_project(name: str, directory: Path = PROJECTS_DIR) -> ProjectSpec:
+    """The spec of project ``name``; an unknown one serves the generic assistant."""
+    validate_project_name(name)
+    path = directory / f"{name}.yaml"
+    if path.is_file():
+        return _read_spec(path, name)
+    log.warning(
+        "unknown project %r (known: %s): serving it with the generic assistant prompt",
+        name, ", ".join(available_projects(directory)),
+    )
+    generic = _read_spec(directory / f"{GENERIC}.yaml", name)
+    return generic
+
+
+def parse_projects_arg(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``--projects`` accepts "a b c", "a,b,c" or a list; order kept, duplicates dropped."""
+    parts = [value] if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for part in parts:
+        for name in re.split(r"[\s,]+", str(part).strip()):
+            if name and name not in names:
+                names.append(validate_project_name(name))
+    if not names:
+        raise ValueError("--projects is empty: name at least one project")
+    return tuple(names)
