@@ -79,7 +79,7 @@ class Attention(torch.nn.Module):
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]
         out = torch.empty_like(q)
         start = 0
-        for n, cache in zip(ctx.query_lens, ctx.caches):
+        for n, cache in zip(ctx.query_lens, ctx.caches, strict=True):
             end = start + n
             keys, values = cache.write(self.layer_idx, k[start:end], v[start:end])  # [L, Hkv, D]
             mask = causal_mask(n, keys.shape[0], self.sliding_window, q.device)

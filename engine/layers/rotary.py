@@ -1,0 +1,64 @@
+"""Rotary position embedding from explicit positions (the varlen batch has no implicit ones)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.config import RopeConfig
+
+
+def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies ``[head_dim // 2]`` in float32, scaled as ``rope`` says."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        return _llama3_scale(inv_freq, rope)
+    return inv_freq
+
+
+def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by ``factor``, blend in between."""
+    old_len = rope.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    short_wavelen = old_len / rope.high_freq_factor  # below: unchanged
+    long_wavelen = old_len / rope.low_freq_factor  # above: divided by factor
+    blend = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - blend) * inv_freq / rope.factor + blend * inv_freq
+    out = torch.where(wavelen > long_wavelen, inv_freq / rope.factor, blended)
+    return torch.where(wavelen < short_wavelen, inv_freq, out)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Computes ``cos, sin [T, head_dim]`` once per forward; the layers apply them to q and k."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        # A plain attribute, not a buffer: it stays float32 and off the meta device.
+        self.inv_freq = inv_frequencies(head_dim, rope)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [T, H, D]`` rotated by ``cos, sin [T, D]``."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + rotate_half(x) * sin

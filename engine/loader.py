@@ -1,0 +1,159 @@
+"""Build a model from a checkpoint folder: config.json + safetensors.
+
+The model is built on the meta device (no memory, no init), then each parameter
+is replaced by its checkpoint tensor, cast and moved once. Every parameter must
+be filled exactly once with the shape the config implies; anything else in the
+checkpoint is an error, so a mismatched checkpoint fails at start-up, not with
+wrong text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.models import get_model_class
+
+log = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that the model computes itself.
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_MAX_LISTED = 10
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    config: ModelConfig | None = None,
+) -> torch.nn.Module:
+    """Load the checkpoint at ``path`` into our model, in ``dtype`` on ``device``."""
+    started = time.monotonic()
+    path = Path(path)
+    config = config or ModelConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = get_model_class(config.architecture)(config)
+    params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
+    tensor_files = checkpoint_tensor_files(path)
+    _check_names(params, tensor_files, config, path)
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name, file in tensor_files.items():
+        if name in params:
+            by_file[file].append(name)
+    nbytes = 0
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            available = set(fh.keys())
+            for name in names:
+                if name not in available:
+                    raise ValueError(
+                        f"{file}: the index lists tensor {name!r} but the file lacks it"
+                    )
+                expected = tuple(params[name].shape)
+                actual = tuple(fh.get_slice(name).get_shape())
+                if actual != expected:
+                    raise ValueError(
+                        f"{file.name}: tensor {name!r} has shape {list(actual)}, but "
+                        f"{path / 'config.json'} implies {list(expected)}"
+                    )
+                tensor = fh.get_tensor(name)
+                tensor = tensor.to(
+                    device=device, dtype=dtype if tensor.is_floating_point() else None
+                )
+                _assign(model, name, tensor)
+                nbytes += tensor.numel() * tensor.element_size()
+
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not still_meta, f"parameters left unfilled: {still_meta}"
+    model.eval()
+    log.info(
+        "loaded %s (%s, %d layers) from %s: %.1f MiB as %s on %s in %.2fs",
+        config.architecture,
+        config.torch_dtype,
+        config.num_layers,
+        path,
+        nbytes / 2**20,
+        dtype,
+        device,
+        time.monotonic() - started,
+    )
+    return model
+
+
+def checkpoint_tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file: from the index, ``model.safetensors``, or every
+    ``*.safetensors`` in the folder (a name found in two files is an error)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: not a valid safetensors index ({exc})") from exc
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+        files = {name: path / str(fname) for name, fname in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise ValueError(f"{index} refers to {file.name}, which is missing")
+        return files
+    single = path / "model.safetensors"
+    candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
+    if not candidates:
+        raise ValueError(f"no model.safetensors (or *.safetensors) in {path}")
+    files: dict[str, Path] = {}
+    for file in candidates:
+        with safe_open(str(file), framework="pt", device="cpu") as fh:
+            for name in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name in files:
+                    raise ValueError(
+                        f"tensor {name!r} is in both {files[name].name} and {file.name}"
+                    )
+                files[name] = file
+    return files
+
+
+def _check_names(
+    params: dict[str, torch.nn.Parameter],
+    tensor_files: dict[str, Path],
+    config: ModelConfig,
+    path: Path,
+) -> None:
+    def ignored(name: str) -> bool:
+        # A tied checkpoint may still store lm_head.weight; like transformers, use the embedding.
+        tied_head = config.tie_word_embeddings and name == "lm_head.weight"
+        return tied_head or bool(_HARMLESS.search(name))
+
+    missing = sorted(set(params) - set(tensor_files))
+    unexpected = sorted(n for n in tensor_files if n not in params and not ignored(n))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_listed(unexpected)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} does not match its config ({config.architecture}, "
+            f"{config.num_layers} layers): " + "; ".join(problems)
+        )
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return f"[{shown}{f', ... {more} more' if more > 0 else ''}]"
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
