@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from engine.kv_cache import SequenceKVCache
 
@@ -78,19 +79,56 @@ class Attention(torch.nn.Module):
     ) -> torch.Tensor:
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]
         out = torch.empty_like(q)
+        decode_rows: list[int] = []
+        decode_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         start = 0
         for n, cache in zip(ctx.query_lens, ctx.caches, strict=True):
             end = start + n
             keys, values = cache.write(self.layer_idx, k[start:end], v[start:end])  # [L, Hkv, D]
-            mask = causal_mask(n, keys.shape[0], self.sliding_window, q.device)
-            o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),  # [Hq, n, D]
-                keys.transpose(0, 1),  # [Hkv, L, D]
-                values.transpose(0, 1),
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            out[start:end] = o.transpose(0, 1)
+            if n == 1:  # decodes are gathered into one padded call below
+                decode_rows.append(start)
+                decode_kv.append((keys, values))
+            else:
+                out[start:end] = self._attend(q[start:end], keys, values)
             start = end
+        if len(decode_rows) == 1:
+            keys, values = decode_kv[0]
+            out[decode_rows[0] : decode_rows[0] + 1] = self._attend(q[decode_rows[0]][None], keys, values)
+        elif decode_rows:
+            rows = torch.tensor(decode_rows, device=q.device)
+            out[rows] = self._attend_decodes(q[rows], decode_kv)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One sequence: ``q [n, Hq, D]`` at the end of ``keys/values [L, Hkv, D]``."""
+        mask = causal_mask(q.shape[0], keys.shape[0], self.sliding_window, q.device)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [Hq, n, D]
+            keys.transpose(0, 1),  # [Hkv, L, D]
+            values.transpose(0, 1),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o.transpose(0, 1)
+
+    def _attend_decodes(
+        self, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Many one-token queries ``q [B, Hq, D]`` in one call, keys right-padded to the longest."""
+        lens = torch.tensor([keys.shape[0] for keys, _ in kv], device=q.device)
+        keys = pad_sequence([keys for keys, _ in kv], batch_first=True)  # [B, Lmax, Hkv, D]
+        values = pad_sequence([values for _, values in kv], batch_first=True)
+        k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+        mask = k_pos < lens[:, None]  # [B, Lmax]
+        if self.sliding_window is not None:
+            mask &= k_pos >= (lens[:, None] - self.sliding_window)
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [B, Hq, 1, D]
+            keys.transpose(1, 2),  # [B, Hkv, Lmax, D]
+            values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o[:, :, 0, :]  # [B, Hq, D]
