@@ -17,6 +17,8 @@ class AgentConfig:
     mqtt_keepalive: int = 60
     client_id: str | None = None  # None: generated, unique per process
     topic_prefix: str = ""  # e.g. "clinic1/": every project topic starts with it
+    connect_timeout: float = 30.0  # start() waits this long for connect + subscribe
+    reconnect_max_delay: float = 30.0  # cap of the exponential reconnect backoff (s)
     # generation defaults (a request or a project may narrow them)
     temperature: float = 0.7
     top_p: float = 0.9
@@ -42,9 +44,11 @@ class AgentConfig:
                      "max_requests_per_session", "max_queue", "max_payload_bytes", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("session_timeout", "rate_limit_window", "request_timeout"):
+        for name in ("session_timeout", "rate_limit_window", "request_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.connect_timeout < 0:
+            raise ValueError(f"connect_timeout must be >= 0, got {self.connect_timeout}")
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:

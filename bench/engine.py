@@ -26,7 +26,7 @@ from engine import create_engine  # noqa: E402
 from engine.api import EngineConfig, SamplingParams  # noqa: E402
 from engine.tiny_checkpoint import cached_tiny_checkpoint  # noqa: E402
 
-WORDS = "the patient reports a mild headache after the long drive through the maze of city streets".split()
+WORDS = ["the", "patient", "reports", "a", "mild", "headache", "after", "the", "long", "drive", "through", "the", "maze", "of", "city", "streets"]
 
 
 def make_prompts(tokenizer, n: int, min_len: int, max_len: int) -> list[list[int]]:

@@ -1,0 +1,233 @@
+"""The demo behind ./run_demo.sh: the real agent on a tiny model, one request per project.
+
+It uses the system Mosquitto when one answers on localhost:1883 (else it starts
+one on a free port), builds the tiny random model once into the cache, runs
+``vLLMDeploy.py`` as a subprocess on the CPU under a topic prefix of its own (so
+it never collides with a real deployment on the same broker), sends one prompt
+per shipped project, prints the replies and round-trip times, and stops the agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack, closing
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from projects import available_projects
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = {
+    "maze": "I am at the entrance and the exit is to the east. Which way now?",
+    "driving": "Why does my car slow down when I let go of the pedal?",
+    "bloodcell": "What do red blood cells carry around the body?",
+    "racing": "Why does a heavier car speed up more slowly?",
+    "general": "Say hello in one short sentence.",
+}
+
+
+def broker_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """True if an MQTT broker accepts a connection at host:port."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        client.connect(host, port, keepalive=10)
+        client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return client.is_connected()
+    except OSError:
+        return False
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mosquitto(stack: ExitStack, workdir: Path) -> int:
+    """A private Mosquitto on a free loopback port, stopped when ``stack`` closes."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(binary, os.X_OK):
+        sys.exit("error: no MQTT broker on localhost:1883 and no mosquitto to start: "
+                 "apt-get install -y mosquitto")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"user {getpass.getuser()}\n")  # as root it would drop to 'mosquitto'
+    log = (workdir / "mosquitto.log").open("w")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    stack.callback(stop_process, proc, "mosquitto", 5.0)
+    for _ in range(100):
+        if broker_answers("127.0.0.1", port, timeout=0.5):
+            return port
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    sys.exit(f"error: the demo's mosquitto did not start (see {workdir / 'mosquitto.log'})")
+
+
+def stop_process(proc: subprocess.Popen, name: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name} did not stop within {timeout:.0f} s: killing it")
+        proc.kill()
+        proc.wait()
+
+
+class DemoClient:
+    """A paho client that sends requests and collects the replies by topic."""
+
+    def __init__(self, host: str, port: int, prefix: str) -> None:
+        self.prefix, self.client_id = prefix, f"demo-client-{uuid.uuid4().hex[:8]}"
+        self.sampling: dict[str, float] = {}
+        self.replies: queue.Queue[tuple[str, str]] = queue.Queue()
+        self.mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
+        self.mqtt.on_message = lambda c, u, msg: self.replies.put(
+            (msg.topic, msg.payload.decode("utf-8", "replace")))
+        self.mqtt.connect(host, port)
+        self.mqtt.loop_start()
+        self.mqtt.subscribe(f"{prefix}+/assistant_response/#", qos=1)
+
+    def ask(self, project: str, message: str, timeout: float) -> tuple[str | None, float]:
+        """The reply to one request and its round-trip time (None after ``timeout``)."""
+        session = f"demo-{uuid.uuid4().hex[:8]}"
+        reply_topic = f"{self.prefix}{project}/assistant_response/{session}/{self.client_id}"
+        payload = {"message": message, "sessionId": session, "clientId": self.client_id,
+                   "replyTopic": reply_topic, **self.sampling}
+        start = time.monotonic()
+        self.mqtt.publish(f"{self.prefix}{project}/user_input", json.dumps(payload), qos=1)
+        while (left := timeout - (time.monotonic() - start)) > 0:
+            try:
+                topic, text = self.replies.get(timeout=left)
+            except queue.Empty:
+                break
+            if topic == reply_topic:
+                return text, time.monotonic() - start
+        return None, time.monotonic() - start
+
+    def close(self) -> None:
+        self.mqtt.loop_stop()
+        self.mqtt.disconnect()
+
+
+def wait_until_serving(client: DemoClient, agent: subprocess.Popen, project: str,
+                       log_path: Path, timeout: float) -> None:
+    """Retry a request until the agent answers (it is then loaded and subscribed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            sys.exit(f"error: the agent exited with code {agent.returncode}:\n  "
+                     + "\n  ".join(tail))
+        if "subscribed to" in log_path.read_text(errors="replace"):
+            reply, _ = client.ask(project, "ping", timeout=30)
+            if reply is not None:
+                return
+        time.sleep(0.5)
+    sys.exit(f"error: the agent did not answer within {timeout:.0f} s (log: {log_path})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = argparse.ArgumentParser(prog="run_demo.sh", description=__doc__.splitlines()[0])
+    cli.add_argument("--model", help="a model folder instead of the tiny random one")
+    cli.add_argument("--max-tokens", type=int, default=24, help="reply length (default 24)")
+    cli.add_argument("--timeout", type=float, default=180, help="seconds for start-up")
+    cli.add_argument("--private-broker", action="store_true",
+                     help="start a Mosquitto of its own even when localhost:1883 answers")
+    args = cli.parse_args(argv)
+    projects = available_projects()
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vllm-deploy-demo-")))
+        if not args.private_broker and broker_answers("localhost", 1883):
+            host, port = "localhost", 1883
+            print("broker: the system Mosquitto on localhost:1883")
+        else:
+            host, port = "127.0.0.1", start_mosquitto(stack, workdir)
+            print(f"broker: a private Mosquitto on 127.0.0.1:{port} (stopped at the end)")
+        if args.model:
+            model = args.model
+        else:
+            print("model: building/reusing the tiny random Qwen2 checkpoint ...", flush=True)
+            from engine.tiny_checkpoint import cached_tiny_checkpoint
+
+            model = str(cached_tiny_checkpoint("qwen2"))
+        print(f"model: {model}")
+        tag = uuid.uuid4().hex[:8]
+        prefix = f"vllm-deploy-demo-{tag}/"  # never collides with a real deployment
+        log_path = workdir / "agent.log"
+        command = [sys.executable, str(ROOT / "vLLMDeploy.py"), "--projects", *projects,
+                   "--model", model, "--device", "cpu", "--mqtt_broker", host,
+                   "--mqtt_port", str(port), "--topic_prefix", prefix,
+                   "--client_id", f"vllm-deploy-demo-{tag}", "--max_model_len", "1024",
+                   "--max_history_tokens", "512", "--max_tokens", str(args.max_tokens)]
+        print(f"agent: vLLMDeploy.py --projects {' '.join(projects)} --device cpu "
+              f"--topic_prefix {prefix} ...", flush=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_DEPLOY_")}
+        with log_path.open("w") as log:
+            agent = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**env, "VLLM_DEPLOY_CACHE": os.environ.get(
+                                         "VLLM_DEPLOY_CACHE", str(ROOT / ".cache"))})
+        stack.callback(stop_process, agent, "the agent", 20.0)
+        client = DemoClient(host, port, prefix)
+        if not args.model:  # the random model says little but newlines when it is not hot
+            client.sampling = {"temperature": 2.0, "topP": 1.0}
+        stack.callback(client.close)
+        started = time.monotonic()
+        wait_until_serving(client, agent, projects[0], log_path, args.timeout)
+        print(f"agent: serving after {time.monotonic() - started:.1f} s\n")
+        rows = []
+        for project in projects:
+            prompt = PROMPTS.get(project, "Hello! Who are you?")
+            reply, seconds = client.ask(project, prompt, timeout=60)
+            rows.append((project, f"{seconds * 1000:.0f} ms" if reply is not None else "timeout",
+                         reply))
+        print_table(rows)
+        if not args.model:
+            print("\nThe model is a tiny one with random weights: its replies are gibberish by "
+                  "design.\nThey show the whole path: broker -> agent -> engine -> agent -> broker. "
+                  "For real text\nrun ./run_demo.sh --model /path/to/model-folder, or see README.md.")
+        print("\nagent: stopping (SIGTERM)", flush=True)
+        stop_process(agent, "the agent", 20.0)
+        print(f"agent: stopped, exit code {agent.returncode}")
+    failed = [project for project, _, reply in rows if reply is None]
+    if failed:
+        print(f"error: no reply for {', '.join(failed)} (agent log was printed above)")
+        return 1
+    return 0
+
+
+def print_table(rows: list[tuple[str, str, str | None]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print(f"{'project':<{width}}  {'round trip':>10}  reply")
+    print(f"{'-' * width}  {'-' * 10}  {'-' * 50}")
+    for project, rtt, reply in rows:
+        text = "(no reply)" if reply is None else " ".join(reply.split())
+        print(f"{project:<{width}}  {rtt:>10}  {text[:70] + ('...' if len(text) > 70 else '')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

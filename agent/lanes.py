@@ -1,0 +1,74 @@
+"""Accepted turns per session, in arrival order: the head of a lane is the one in flight."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from agent.protocol import ChatRequest
+from agent.sessions import Session, SessionKey
+
+
+@dataclass(eq=False)
+class Turn:
+    request: ChatRequest
+    seq: int
+    accepted_at: float
+    engine_id: str | None = None
+    answered: bool = False
+    history: Session | None = None  # the session, trimmed, before this turn's reply is added
+
+    @property
+    def key(self) -> SessionKey:
+        return (self.request.project, self.request.session_id)
+
+
+class SessionLanes:
+    """Bounded: at most ``max_pending`` accepted turns not yet answered, over all sessions."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._lanes: dict[SessionKey, deque[Turn]] = {}
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def add(self, turn: Turn) -> bool | None:
+        """None: full (the turn is not taken); True: it heads its lane (start it); False: queued."""
+        with self._lock:
+            if self._pending >= self.max_pending:
+                return None
+            self._pending += 1
+            lane = self._lanes.setdefault(turn.key, deque())
+            lane.append(turn)
+            return len(lane) == 1
+
+    def claim(self, turn: Turn) -> bool:
+        """Marks ``turn`` answered; False if it was already (exactly one reply per turn)."""
+        with self._lock:
+            if turn.answered:
+                return False
+            turn.answered = True
+            self._pending -= 1
+            return True
+
+    def advance(self, turn: Turn) -> Turn | None:
+        """Takes an answered ``turn`` off its lane; if it was in flight, returns the next to start."""
+        with self._lock:
+            lane = self._lanes.get(turn.key)
+            if lane is None or turn not in lane:
+                return None
+            was_head = lane[0] is turn
+            lane.remove(turn)
+            if not lane:
+                del self._lanes[turn.key]
+                return None
+            return lane[0] if was_head else None
+
+    def unanswered(self) -> list[Turn]:
+        with self._lock:
+            return [t for lane in self._lanes.values() for t in lane if not t.answered]

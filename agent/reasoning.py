@@ -1,0 +1,39 @@
+"""Remove a reasoning model's ``<think>...</think>`` text from its answer.
+
+QwQ-style templates open ``<think>`` inside the prompt, so the output may start
+in the middle of the reasoning and hold only the closing tag. The model is not
+stopped at ``</think>``: it goes on to write the answer, which is what we keep.
+"""
+
+from __future__ import annotations
+
+import re
+
+OPEN, CLOSE = "<think>", "</think>"
+_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """``(answer, reasoning)``; the answer without surrounding whitespace."""
+    parts: list[str] = []
+    first_close, first_open = text.find(CLOSE), text.find(OPEN)
+    if first_close != -1 and (first_open == -1 or first_close < first_open):
+        parts.append(text[:first_close])  # began mid-reasoning: the prompt opened <think>
+        text = text[first_close + len(CLOSE):]
+
+    def keep(match: re.Match[str]) -> str:
+        parts.append(match.group(1))
+        return ""
+
+    text = _BLOCK.sub(keep, text)
+    unterminated = text.find(OPEN)
+    if unterminated != -1:  # cut off while still reasoning
+        parts.append(text[unterminated + len(OPEN):])
+        text = text[:unterminated]
+    text = text.replace(CLOSE, "")  # a stray closing tag carries no answer text
+    reasoning = "\n\n".join(p.strip() for p in parts if p.strip())
+    return text.strip(), reasoning
+
+
+def strip_reasoning(text: str) -> str:
+    return split_reasoning(text)[0]

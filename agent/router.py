@@ -1,0 +1,247 @@
+"""The per-request pipeline: admission, one turn in flight per session, one reply per request.
+
+``handle_message`` runs on the MQTT thread and does only quick work (parse,
+dedupe, rate limit, queue bound). Prompt building, engine callbacks and
+publishing run on a pool of worker threads; a watcher thread answers requests
+that run past ``request_timeout`` and cancels their generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from agent.config import AgentConfig
+from agent.deadlines import DeadlineWatcher
+from agent.dedupe import Deduper
+from agent.lanes import SessionLanes, Turn
+from agent.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
+from agent.protocol import ChatRequest, ProtocolError, RequestParser
+from agent.rate_limit import RATE_LIMITED, RateLimiter
+from agent.reasoning import strip_reasoning
+from agent.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
+from agent.topics import Topics
+from engine.api import (
+    EngineError,
+    EngineProtocol,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+from projects import ProjectSpec
+
+log = logging.getLogger(__name__)
+
+OVERLOADED = "Server is overloaded. Please try again in a moment."
+SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
+INTERNAL = "Error: internal server error"
+Publish = Callable[[str, str], None]
+
+
+class Router:
+    def __init__(
+        self,
+        config: AgentConfig,
+        engine: EngineProtocol,
+        projects: dict[str, ProjectSpec],
+        topics: Topics,
+        publish: Publish,
+        store: SessionStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.projects = projects
+        self.topics = topics
+        self._publish_raw = publish
+        self._clock = clock
+        self.parser = RequestParser(topics, config.max_payload_bytes, config.max_tokens)
+        self.builder = PromptBuilder(engine.tokenizer)
+        self.store: SessionStore = store or MemorySessionStore(
+            config.max_concurrent_sessions, config.session_timeout, clock
+        )
+        self.limiter = RateLimiter(config.max_requests_per_session, config.rate_limit_window, clock=clock)
+        self.deduper = Deduper(max(600.0, 2 * config.request_timeout), clock=clock)
+        self.lanes = SessionLanes(config.max_queue)
+        self._seq = itertools.count(1)
+        self._tag = secrets.token_hex(3)  # engine request ids stay unique across routers
+        self._stopping = False
+        self._watcher = DeadlineWatcher(self._expire, clock)
+        self._pool = ThreadPoolExecutor(config.num_workers, thread_name_prefix="agent-worker")
+
+    def start(self) -> None:
+        self._watcher.start()
+
+    # ---- MQTT thread: quick checks, then hand off ----
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        project = self.topics.project_of(topic)
+        if project is None:
+            log.warning("ignoring a message on unexpected topic %.200r", topic)
+            return
+        try:
+            request = self.parser.parse(project, payload)
+        except ProtocolError as err:
+            self._reject(err)
+            return
+        self._admit(request)
+
+    def _reject(self, err: ProtocolError) -> None:
+        if err.session_id and err.request_id and self.deduper.seen(
+            (err.project, err.session_id, err.request_id)
+        ):
+            return
+        if err.reply_topic is None:
+            log.warning("bad request for project %s and no reply topic: %s", err.project, err.reply)
+            return
+        log.warning("bad request for project %s session %s: %s", err.project, err.session_id, err.reply)
+        self._publish(err.reply_topic, err.reply)
+
+    def _admit(self, request: ChatRequest) -> None:
+        key = (request.project, request.session_id)
+        if request.request_id and self.deduper.seen(key + (request.request_id,)):
+            log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
+            return
+        if self._stopping:
+            self._publish(request.reply_topic, SHUTTING_DOWN)
+            return
+        if not self.limiter.allow(key):
+            log.warning("rate limit hit by session %s/%s", *key)
+            self._publish(request.reply_topic, RATE_LIMITED)
+            return
+        now = self._clock()
+        turn = Turn(request, next(self._seq), now)
+        first = self.lanes.add(turn)
+        if first is None:
+            log.warning("queue full (%d requests): overloaded reply", self.config.max_queue)
+            self._publish(request.reply_topic, OVERLOADED)
+            return
+        if self._stopping:  # stop() may have listed the pending turns before this one came
+            self._finish(turn, SHUTTING_DOWN)
+            return
+        log.info("request %d accepted: session %s/%s client %s", turn.seq, *key, request.client_id)
+        log.debug("request %d message: %r", turn.seq, request.message)
+        self._watcher.add(now + self.config.request_timeout, turn)
+        if first:
+            self._spawn(self._run, turn)
+
+    # ---- worker threads ----
+
+    def _spawn(self, fn: Callable[..., None], turn: Turn, *args: Any) -> None:
+        def task() -> None:
+            try:
+                fn(turn, *args)
+            except Exception:
+                log.exception("request %d failed", turn.seq)
+                self._finish(turn, INTERNAL)
+
+        with contextlib.suppress(RuntimeError):  # shut down: stop() answered every turn
+            self._pool.submit(task)
+
+    def _run(self, turn: Turn) -> None:
+        if turn.answered:
+            return
+        req, spec = turn.request, self.projects[turn.request.project]
+        session = self.store.get(turn.key)
+        system_prompt = resolve_system_prompt(req.system_prompt, session, spec.system_prompt)
+        turns = session.turns if session else []
+        max_tokens = min(req.max_tokens or spec.max_tokens or self.config.max_tokens, self.config.max_tokens)
+        limit = prompt_limit(
+            self.config.max_history_tokens, max_tokens,
+            self.engine.token_budget(req.project), self.engine.max_model_len,
+        )
+        try:
+            prompt = self.builder.build(system_prompt, turns, req.message, limit)
+        except PromptTooLong as exc:
+            self._finish(turn, str(exc))
+            return
+        turn.history = Session(system_prompt, turns[prompt.first_turn:])
+        temperature = req.temperature if req.temperature is not None else spec.temperature
+        top_p = req.top_p if req.top_p is not None else spec.top_p
+        sampling = SamplingParams(
+            temperature=self.config.temperature if temperature is None else temperature,
+            top_p=self.config.top_p if top_p is None else top_p,
+            max_tokens=max_tokens,
+        )
+        turn.engine_id = f"{self._tag}-{turn.seq}"
+        try:
+            self.engine.submit(GenerationRequest(
+                request_id=turn.engine_id,
+                prompt_token_ids=prompt.token_ids,
+                sampling=sampling,
+                on_done=lambda result: self._spawn(self._on_result, turn, result),
+                project=req.project,
+                metadata={"session_id": req.session_id, "client_id": req.client_id},
+            ))
+        except EngineError as exc:
+            self._finish(turn, f"Error: {exc}")
+            return
+        if turn.answered:  # timed out (or shut down) while being submitted
+            self.engine.cancel(turn.engine_id)
+
+    def _on_result(self, turn: Turn, result: GenerationResult) -> None:
+        if result.finish_reason == "error" or result.error:
+            log.warning("request %d: engine error: %s", turn.seq, result.error)
+            self._finish(turn, f"Error: {result.error or 'generation failed'}")
+            return
+        if result.finish_reason == "cancelled":
+            self._finish(turn, "Error: the request was cancelled")
+            return
+        text = strip_reasoning(result.text) if self.config.skip_thinking else result.text
+        if not text.strip():
+            self._finish(turn, "Error: the model returned an empty answer")
+            return
+        assert turn.history is not None
+        history = Session(turn.history.system_prompt, turn.history.turns + [(turn.request.message, text)])
+        if self._finish(turn, text, history):
+            log.info(
+                "request %d answered: %d prompt + %d completion tokens, %.2f s",
+                turn.seq, result.prompt_tokens, len(result.token_ids), self._clock() - turn.accepted_at,
+            )
+            log.debug("request %d reply: %r", turn.seq, text)
+
+    # ---- any thread ----
+
+    def _finish(self, turn: Turn, reply: str, history: Session | None = None) -> bool:
+        """Answers ``turn`` unless it was answered already; the session changes only on success."""
+        if not self.lanes.claim(turn):
+            return False
+        if history is not None:
+            self.store.put(turn.key, history)
+        self._publish(turn.request.reply_topic, reply)
+        following = self.lanes.advance(turn)
+        if following is not None:
+            self._spawn(self._run, following)
+        return True
+
+    def _expire(self, turn: Turn) -> None:
+        if turn.answered:
+            return
+        log.warning("request %d of session %s/%s timed out", turn.seq, *turn.key)
+        reply = f"Error: no answer within {self.config.request_timeout:g} s. Please try again."
+        if self._finish(turn, reply) and turn.engine_id:
+            self.engine.cancel(turn.engine_id)
+
+    def _publish(self, topic: str, payload: str) -> None:
+        if not self.topics.publishable(topic):
+            log.error("refusing to publish on %.200r (a request, control or invalid topic)", topic)
+            return
+        try:
+            self._publish_raw(topic, payload)
+        except Exception:
+            log.exception("publishing on %.200r failed", topic)
+
+    def stop(self) -> None:
+        """Answers every pending request (shutting down), cancels their generation, stops threads."""
+        self._stopping = True
+        for turn in self.lanes.unanswered():
+            if self._finish(turn, SHUTTING_DOWN) and turn.engine_id:
+                self.engine.cancel(turn.engine_id)
+        self._watcher.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,283 @@
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.rate_limit import RATE_LIMITED
+from agent.router import OVERLOADED, SHUTTING_DOWN, Router
+from agent.sessions import Session
+from agent.topics import Topics
+from engine.api import EngineError
+from projects import ProjectSpec
+from tests.fake_engine import FakeEngine
+
+PROJECTS = {
+    "maze": ProjectSpec("maze", "You guide a maze game.", temperature=0.6, max_tokens=100),
+    "general": ProjectSpec("general", "You are helpful."),
+}
+
+
+class Replies:
+    """The publish callable: records (topic, payload) and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, topic: str, payload: str) -> None:
+        with self._cond:
+            self.items.append((topic, payload))
+            self._cond.notify_all()
+
+    def wait(self, n: int, timeout: float = 5.0) -> list[tuple[str, str]]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.items) >= n, timeout), self.items
+            return list(self.items)
+
+    def on(self, topic: str) -> list[str]:
+        return [p for t, p in self.items if t == topic]
+
+
+MakeRouter = Callable[..., tuple[Router, FakeEngine, Replies]]
+
+
+@pytest.fixture
+def make_router() -> Iterator[MakeRouter]:
+    routers: list[Router] = []
+
+    def make(engine: FakeEngine | None = None, **overrides: object) -> tuple[Router, FakeEngine, Replies]:
+        engine = engine or FakeEngine()
+        config = AgentConfig(projects=("maze", "general"), **overrides)  # type: ignore[arg-type]
+        replies = Replies()
+        router = Router(config, engine, PROJECTS, Topics(config.projects), replies)
+        router.start()
+        routers.append(router)
+        return router, engine, replies
+
+    yield make
+    for router in routers:
+        router.stop()
+
+
+def send(router: Router, project: str = "maze", **fields: object) -> None:
+    router.handle_message(f"{project}/user_input", json.dumps(fields).encode())
+
+
+def test_reply_on_default_and_custom_topic(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    send(router, sessionId="s1", message="hello")
+    send(router, "general", sessionId="s2", message="hi", replyTopic="general/assistant_response/s2/c")
+    replies.wait(2)
+    assert replies.on("maze/assistant_response/s1") == ["echo: hello"]
+    assert replies.on("general/assistant_response/s2/c") == ["echo: hi"]
+    assert router.lanes.pending == 0
+
+
+def test_history_and_system_prompt(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    send(router, sessionId="s", message="one")
+    replies.wait(1)
+    send(router, sessionId="s", message="two")
+    replies.wait(2)
+    prompt = engine.prompts[-1]
+    assert prompt.startswith("<|im_start|>system\nYou guide a maze game.<|im_end|>")
+    assert "<|im_start|>assistant\necho: one<|im_end|>" in prompt
+    assert engine.user_turns() == ["one", "two"]
+    send(router, sessionId="s", message="three", systemPrompt="New rules.")
+    send(router, sessionId="s", message="four")  # the new prompt stays
+    replies.wait(4)
+    assert engine.prompts[-1].startswith("<|im_start|>system\nNew rules.<|im_end|>")
+    assert router.store.get(("maze", "s")).system_prompt == "New rules."
+    assert router.store.get(("general", "s")) is None
+
+
+def test_sampling_parameters(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(max_tokens=50)
+    send(router, sessionId="a", message="x", temperature=0, maxTokens=1000, topP=0.3)
+    send(router, sessionId="b", message="x")
+    send(router, "general", sessionId="c", message="x")
+    replies.wait(3)
+    by_session = {r.metadata["session_id"]: r.sampling for r in engine.requests}
+    assert by_session["a"].greedy and by_session["a"].max_tokens == 50 and by_session["a"].top_p == 0.3
+    assert by_session["b"].temperature == 0.6 and by_session["b"].max_tokens == 50  # project defaults
+    assert by_session["c"].temperature == 0.7 and by_session["c"].top_p == 0.9  # agent defaults
+
+
+def test_turns_of_a_session_in_order(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(engine=FakeEngine(delay=0.05))
+    for i in range(5):
+        send(router, sessionId="s", message=f"m{i}")
+    send(router, sessionId="other", message="x")
+    replies.wait(6)
+    assert replies.on("maze/assistant_response/s") == [f"echo: m{i}" for i in range(5)]
+    last = next(i for i, r in enumerate(engine.requests) if r.metadata["session_id"] == "s"
+                and engine.user_turns(i)[-1] == "m4")
+    assert engine.user_turns(last) == [f"m{i}" for i in range(5)]  # each turn saw the ones before
+    assert router.store.get(("maze", "s")).turns[-1] == ("m4", "echo: m4")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)
+
+
+def test_one_in_flight_per_session(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(engine=FakeEngine(delay=2))
+    send(router, sessionId="s", message="a")
+    send(router, sessionId="s", message="b")
+    send(router, sessionId="t", message="c")
+    wait_until(lambda: len(engine.requests) >= 2)
+    time.sleep(0.05)
+    assert sorted(r.metadata["session_id"] for r in engine.requests) == ["s", "t"]
+    assert router.lanes.pending == 3
+
+
+def test_overloaded(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(engine=FakeEngine(delay=0.3), max_queue=2)
+    for i in range(4):
+        send(router, sessionId=f"s{i}", message="x")
+    replies.wait(4)
+    assert replies.items[0] == ("maze/assistant_response/s2", OVERLOADED)
+    assert replies.items[1] == ("maze/assistant_response/s3", OVERLOADED)
+
+
+def test_rate_limit(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(max_requests_per_session=2)
+    for _ in range(4):
+        send(router, sessionId="s", message="x")
+    send(router, sessionId="t", message="y")
+    replies.wait(5)
+    assert replies.on("maze/assistant_response/s").count(RATE_LIMITED) == 2
+    assert replies.on("maze/assistant_response/t") == ["echo: y"]
+
+
+def test_duplicate_request_answered_once(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    for _ in range(3):
+        send(router, sessionId="s", message="x", requestId="r1")
+    send(router, sessionId="s", message="y", requestId="r2")
+    send(router, sessionId="s", message="bad", requestId="r3", temperature="hot")
+    send(router, sessionId="s", message="bad", requestId="r3", temperature="hot")
+    replies.wait(3)
+    time.sleep(0.1)
+    assert len(replies.items) == 3 and len(engine.requests) == 2
+
+
+def test_timeout_cancels_and_next_turn_runs(make_router: MakeRouter) -> None:
+    engine = FakeEngine(delay=0.5)
+    router, engine, replies = make_router(engine=engine, request_timeout=0.2)
+    send(router, sessionId="s", message="slow")
+    send(router, sessionId="s", message="queued")
+    items = replies.wait(2, timeout=3)
+    assert all(p.startswith("Error: ") for _, p in items)
+    assert engine.cancelled  # the generation in flight was cancelled
+    engine.delay = 0
+    send(router, sessionId="s", message="fast")
+    replies.wait(3)
+    assert replies.items[-1][1] == "echo: fast"
+    assert router.store.get(("maze", "s")).turns == [("fast", "echo: fast")]  # no failed turns
+
+
+def test_engine_failure_leaves_history(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    send(router, sessionId="s", message="one")
+    replies.wait(1)
+    engine.fail = "out of memory"
+    send(router, sessionId="s", message="two")
+    replies.wait(2)
+    assert replies.items[-1][1] == "Error: out of memory"
+    engine.fail = None
+    engine.submit_error = EngineError("engine stopped")
+    send(router, sessionId="s", message="three")
+    replies.wait(3)
+    assert replies.items[-1][1] == "Error: engine stopped"
+    engine.submit_error = RuntimeError("bug")
+    send(router, sessionId="s", message="four")
+    replies.wait(4)
+    assert replies.items[-1][1].startswith("Error: ")
+    assert router.store.get(("maze", "s")).turns == [("one", "echo: one")]
+    assert router.lanes.pending == 0
+
+
+def test_too_long_message_leaves_session(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(max_history_tokens=200)
+    send(router, sessionId="s", message="one")
+    replies.wait(1)
+    send(router, sessionId="s", message="z" * 1000)
+    replies.wait(2)
+    assert replies.items[-1][1].startswith("Error: ") and "too long" in replies.items[-1][1]
+    assert router.store.get(("maze", "s")) == Session("You guide a maze game.", [("one", "echo: one")])
+
+
+def test_history_trimmed_to_budget(make_router: MakeRouter) -> None:
+    engine = FakeEngine(budgets={"maze": 400})
+    router, engine, replies = make_router(engine=engine, max_history_tokens=300, max_tokens=150)
+    for i in range(8):
+        send(router, sessionId="s", message=f"message number {i} " + "w" * 30)
+        replies.wait(i + 1)
+    for request in engine.requests:
+        assert len(request.prompt_token_ids) + request.sampling.max_tokens <= 400
+        assert len(request.prompt_token_ids) <= 300
+    assert engine.user_turns()[-1].startswith("message number 7")
+    assert len(engine.user_turns()) < 8
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_reasoning_stripped(make_router: MakeRouter, mode: str) -> None:
+    router, engine, replies = make_router()
+    engine.think = mode
+    send(router, sessionId="s", message="q")
+    assert replies.wait(1)[0][1] == "echo: q"
+    assert router.store.get(("maze", "s")).turns == [("q", "echo: q")]
+
+
+def test_reasoning_kept_without_skip_thinking(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(skip_thinking=False)
+    engine.think = "closed"
+    send(router, sessionId="s", message="q")
+    assert "<think>" in replies.wait(1)[0][1]
+
+
+def test_empty_answer_is_an_error(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(engine=FakeEngine(reply=lambda p, r: "<think>only</think>"))
+    send(router, sessionId="s", message="q")
+    assert replies.wait(1)[0][1].startswith("Error: ")
+    assert router.store.get(("maze", "s")) is None
+
+
+def test_bad_input_and_unknown_topic(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    router.handle_message("maze/user_input", b"\xff\xfe not utf-8")
+    router.handle_message("maze/user_input", b"42")
+    router.handle_message("nobody/user_input", b"{}")
+    send(router, sessionId="s", message="")
+    items = replies.wait(3)
+    assert ("maze/assistant_response/s", "Error: empty message") in items
+    raw = [p for t, p in items if t.startswith("maze/assistant_response/default-")]
+    assert sorted(raw) == ["echo: 42", "echo: \ufffd\ufffd not utf-8"]
+
+
+def test_stop_answers_pending(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router(engine=FakeEngine(delay=5))
+    send(router, sessionId="s", message="a")
+    send(router, sessionId="s", message="b")
+    wait_until(lambda: len(engine.requests) == 1)
+    router.stop()
+    assert [p for _, p in replies.items] == [SHUTTING_DOWN, SHUTTING_DOWN]
+    assert engine.cancelled
+    send(router, sessionId="s", message="late")
+    assert replies.items[-1][1] == SHUTTING_DOWN
+
+
+def test_never_publishes_on_reserved_topics(make_router: MakeRouter) -> None:
+    router, engine, replies = make_router()
+    router._publish("maze/user_input", "x")
+    router._publish("maze/assistant_response/#", "x")
+    assert replies.items == []

@@ -1,0 +1,91 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.topics import Topics, normalize_prefix
+
+PROJECTS = ("maze", "driving")
+
+
+@pytest.fixture
+def topics() -> Topics:
+    return Topics(PROJECTS)
+
+
+def test_names(topics: Topics) -> None:
+    assert topics.user_input("maze") == "maze/user_input"
+    assert topics.default_reply("maze", "s1") == "maze/assistant_response/s1"
+    assert topics.subscriptions() == ["maze/user_input", "driving/user_input"]
+    assert topics.project_of("driving/user_input") == "driving"
+    assert topics.project_of("driving/user_input/x") is None
+    assert topics.project_of("other/user_input") is None
+
+
+@pytest.mark.parametrize("prefix", ["clinic1/", "clinic1"])
+def test_prefix(prefix: str) -> None:
+    topics = Topics(PROJECTS, prefix)
+    assert topics.user_input("maze") == "clinic1/maze/user_input"
+    assert topics.default_reply("maze", "s") == "clinic1/maze/assistant_response/s"
+    assert topics.project_of("clinic1/maze/user_input") == "maze"
+    assert topics.project_of("maze/user_input") is None
+    reply = "clinic1/maze/assistant_response/s/c"
+    assert topics.confine_reply("maze", reply, "s") == reply
+    assert topics.confine_reply("maze", "maze/assistant_response/s/c", "s") == \
+        "clinic1/maze/assistant_response/s"
+
+
+@pytest.mark.parametrize("prefix", ["a/#", "+/", "$SYS/"])
+def test_bad_prefix(prefix: str) -> None:
+    with pytest.raises(ValueError):
+        normalize_prefix(prefix)
+
+
+@pytest.mark.parametrize("requested, expected", [
+    ("maze/assistant_response/s1/client7", "maze/assistant_response/s1/client7"),
+    ("maze/assistant_response/s1/client7/req9", "maze/assistant_response/s1/client7/req9"),
+    ("maze/assistant_response/other", "maze/assistant_response/other"),
+    ("maze/assistant_response/s1/", "maze/assistant_response/s1"),  # trailing / stripped
+    ("maze/assistant_response/", "maze/assistant_response/s1"),  # empty remainder
+    ("maze/assistant_response", "maze/assistant_response/s1"),
+    ("maze/assistant_response//", "maze/assistant_response/s1"),
+    ("maze/assistant_response/#", "maze/assistant_response/s1"),
+    ("maze/assistant_response/s1/+", "maze/assistant_response/s1"),
+    ("maze/assistant_response/s\x001", "maze/assistant_response/s1"),
+    ("driving/assistant_response/s1", "maze/assistant_response/s1"),  # another project
+    ("maze/user_input", "maze/assistant_response/s1"),
+    ("maze/template", "maze/assistant_response/s1"),
+    ("elsewhere/topic", "maze/assistant_response/s1"),
+    ("", "maze/assistant_response/s1"),
+    (42, "maze/assistant_response/s1"),
+    (None, "maze/assistant_response/s1"),
+    ("maze/assistant_response/" + "x" * 70000, "maze/assistant_response/s1"),
+    ("maze/assistant_response/\ud800", "maze/assistant_response/s1"),
+])
+def test_confine_reply(topics: Topics, requested: object, expected: str) -> None:
+    assert topics.confine_reply("maze", requested, "s1") == expected
+
+
+def test_reserved(topics: Topics) -> None:
+    for topic in ("maze/user_input", "driving/user_input", "maze/template", "maze/template/s1",
+                  "driving/clear_history/x", "driving/delete_session", "maze/state",
+                  "llama/user_input/abc", "llama/session"):
+        assert topics.is_reserved(topic), topic
+        assert not topics.publishable(topic), topic
+    for topic in ("maze/assistant_response/s", "driving/state", "maze/templates"):
+        assert not topics.is_reserved(topic), topic
+
+
+def test_reserved_prefixes_seam() -> None:
+    topics = Topics(["maze"], reserved_prefixes=["maze/assistant_response/status/"])
+    assert topics.confine_reply("maze", "maze/assistant_response/status/x", "s") == \
+        "maze/assistant_response/s"
+
+
+@given(requested=st.one_of(st.none(), st.integers(), st.text(max_size=80),
+                           st.text(max_size=40).map(lambda s: "maze/assistant_response/" + s)))
+@settings(max_examples=300, deadline=None)
+def test_confined_reply_is_always_publishable(requested: object) -> None:
+    topics = Topics(PROJECTS)
+    topic = topics.confine_reply("maze", requested, "s1")
+    assert topic.startswith("maze/assistant_response/") and len(topic) > len("maze/assistant_response/")
+    assert topics.publishable(topic)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Serve one LLM to several projects over MQTT, on our own engine.
+
+Same flags as the old vLLM-based script (plus new ones); ``--help`` lists them.
+Order matters here: settings are parsed and ``CUDA_VISIBLE_DEVICES`` is set
+before torch is imported anywhere, so torch only ever sees the chosen GPUs.
+A user error prints one line ``error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from agent.settings import Settings, SettingsError, parse_settings
+
+if TYPE_CHECKING:
+    from projects import ProjectSpec
+
+log = logging.getLogger("vllm_deploy")
+USER_ERROR = 2
+_DEVICE_ID = re.compile(r"^(\d+|GPU-[0-9A-Fa-f\-]+|MIG-[\w\-/]+)$")
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, no traceback."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def visible_device_ids(value: str) -> list[str]:
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [i for i in ids if not _DEVICE_ID.match(i)]
+    if not ids or bad:
+        raise UserError(f"--visible_devices {value!r}: give GPU indices separated by commas, e.g. 0 or 0,1")
+    return ids
+
+
+def pin_devices(settings: Settings) -> None:
+    """Set CUDA_VISIBLE_DEVICES from --visible_devices; must run before torch is imported."""
+    if "torch" in sys.modules:  # an internal invariant: the launcher imports torch later
+        raise RuntimeError("torch was imported before the visible devices were set")
+    if settings.visible_devices is None:
+        return
+    if settings.device == "cpu":
+        log.warning("--visible_devices %s is ignored with --device cpu", settings.visible_devices)
+        return
+    ids = visible_device_ids(settings.visible_devices)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # indices as nvidia-smi shows them
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ["CUDA_VISIBLE_DEVICES"])
+
+
+def check_devices(settings: Settings) -> None:
+    """Fail at start, not at the first request, when the asked-for GPUs are not there."""
+    if settings.device == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if settings.visible_devices is not None:
+        wanted = len(visible_device_ids(settings.visible_devices))
+        if count == 0:
+            raise UserError(
+                f"--visible_devices {settings.visible_devices}: no such CUDA GPU on this machine "
+                "(torch sees none); check the indices with nvidia-smi, or use --device cpu"
+            )
+        if count < wanted:
+            raise UserError(
+                f"--visible_devices {settings.visible_devices}: asks for {wanted} GPUs but only "
+                f"{count} of them exist; check the indices with nvidia-smi"
+            )
+        if wanted > 1:
+            log.warning("%d GPUs visible: this engine uses the first one only", wanted)
+    elif settings.device == "cuda" and count == 0:
+        raise UserError("--device cuda: no CUDA GPU is available (torch sees none); "
+                        "use --device cpu or --device auto")
+
+
+def load_projects(names: Sequence[str]) -> dict[str, ProjectSpec]:
+    from projects import load_project
+
+    return {name: load_project(name) for name in names}
+
+
+def start(settings: Settings) -> None:
+    from engine import create_engine
+    from engine.model_source import resolve_model
+
+    check_devices(settings)  # before a download that may take an hour
+    model_path = resolve_model(
+        settings.model,
+        provider=settings.model_provider,
+        cache_dir=settings.model_cache_dir,
+        revision=settings.model_revision,
+        auto_download=settings.auto_download,
+    )
+    projects = load_projects(settings.projects)
+    engine_config = settings.engine_config(str(model_path))
+    log.info("loading %s on device %s for projects %s", model_path, settings.device,
+             ", ".join(projects))
+    engine = create_engine(engine_config)
+    from agent.app import Agent
+
+    agent = Agent(settings.agent_config(), engine, projects)
+    agent.run_forever()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR
+    setup_logging(settings.log_level)
+    for note in settings.notices:
+        log.warning("%s", note)
+    for line in settings.describe():
+        log.debug("setting %s", line)
+    try:
+        pin_devices(settings)
+        start(settings)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    except Exception as exc:
+        message = _user_message(exc)
+        if message is None:
+            raise
+        log.debug("details of the error", exc_info=True)
+        print(f"error: {message}", file=sys.stderr)
+        return USER_ERROR
+    return 0
+
+
+def _user_message(exc: Exception) -> str | None:
+    """The one-line message of an error a user can fix; None for a bug (traceback)."""
+    from agent.mqtt_client import MqttConnectError
+    from engine.api import EngineError
+
+    if isinstance(exc, (UserError, EngineError, MqttConnectError, ValueError)):
+        return " ".join(str(exc).split())
+    if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+        return ("out of memory while loading the model: lower --max_model_len, --max_num_seqs "
+                "or --gpu_memory_utilization, or use a smaller model")
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
