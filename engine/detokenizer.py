@@ -19,6 +19,9 @@ from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 4  # prompt tokens kept as decoding context (word-boundary spaces)
+# A UTF-8 character has at most 4 bytes, so it spans at most 4 byte-level tokens: text
+# still ending in U+FFFD after that many pending tokens is really invalid, not split.
+_MAX_SPLIT_TOKENS = 4
 
 
 class Decoder(Protocol):
@@ -64,7 +67,8 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith(_REPLACEMENT):
+        split = full.endswith(_REPLACEMENT) and len(self._ids) - self._read_offset < _MAX_SPLIT_TOKENS
+        if len(full) <= len(prefix) or split:
             return ""  # nothing new yet, or a character still split across tokens
         self._append_text(full[len(prefix) :])
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

@@ -119,3 +119,21 @@ def test_real_tokenizer_stop_string(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("answer: left, up <END> ignored")
     detok = IncrementalDetokenizer(tokenizer, [], stop=["<END>"])
     assert "".join(stream(detok, ids)) == "answer: left, up " == detok.text
+
+
+def test_invalid_bytes_are_released_after_a_few_tokens() -> None:
+    """A run of tokens that never forms valid UTF-8 must not be held back forever
+    (that made every later step re-decode a growing window)."""
+    class BytesDecoder:
+        def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+            return bytes(token_ids).decode("utf-8", errors="replace")
+
+    detok = IncrementalDetokenizer(BytesDecoder(), [65])
+    streamed = "".join(detok.add_token(0x80) for _ in range(10))  # lone continuation bytes
+    assert streamed and set(streamed) == {"\ufffd"}
+    assert len(streamed) >= 10 - 4  # at most a few tokens held back
+    # a real split character is still held until complete
+    detok = IncrementalDetokenizer(BytesDecoder(), [65])
+    euro = "€".encode()
+    assert detok.add_token(euro[0]) == "" and detok.add_token(euro[1]) == ""
+    assert detok.add_token(euro[2]) == "€"
