@@ -37,3 +37,11 @@ def split_reasoning(text: str) -> tuple[str, str]:
 
 def strip_reasoning(text: str) -> str:
     return split_reasoning(text)[0]
+
+
+def split_completion(text: str, prompt_opened: bool) -> tuple[str, str]:
+    """``split_reasoning`` of a completion; ``prompt_opened``: the prompt ended in ``<think>``,
+    so all text up to a ``</think>`` is reasoning, also when the model never closed it."""
+    if prompt_opened and not text.lstrip().startswith(OPEN):
+        text = OPEN + text
+    return split_reasoning(text)

@@ -24,7 +24,7 @@ from agent.lanes import SessionLanes, Turn
 from agent.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
 from agent.protocol import ChatRequest, ProtocolError, RequestParser
 from agent.rate_limit import RATE_LIMITED, RateLimiter
-from agent.reasoning import strip_reasoning
+from agent.reasoning import split_completion
 from agent.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
 from agent.topics import Topics
 from engine.api import (
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 OVERLOADED = "Server is overloaded. Please try again in a moment."
 SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
 INTERNAL = "Error: internal server error"
+REASONING_CUT_OFF = (
+    "Error: the model was still reasoning when it reached maxTokens; "
+    "raise maxTokens (and --max_tokens) for this reasoning model"
+)
 Publish = Callable[[str, str], None]
 
 
@@ -193,9 +197,14 @@ class Router:
         if result.finish_reason == "cancelled":
             self._finish(turn, "Error: the request was cancelled")
             return
-        text = strip_reasoning(result.text) if self.config.skip_thinking else result.text
+        text, reasoning = result.text, ""
+        if self.config.skip_thinking:
+            text, reasoning = split_completion(result.text, self.engine.tokenizer.opens_reasoning)
         if not text.strip():
-            self._finish(turn, "Error: the model returned an empty answer")
+            if reasoning and result.finish_reason == "length":
+                self._finish(turn, REASONING_CUT_OFF)
+            else:
+                self._finish(turn, "Error: the model returned an empty answer")
             return
         assert turn.history is not None
         history = Session(turn.history.system_prompt, turn.history.turns + [(turn.request.message, text)])

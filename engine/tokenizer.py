@@ -6,6 +6,7 @@ class, so that counts are exact for the model being served.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -55,6 +56,13 @@ class Tokenizer:
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+    @functools.cached_property
+    def opens_reasoning(self) -> bool:
+        """Whether the generation prompt itself opens ``<think>`` (QwQ, some Qwen3 templates):
+        the completion then starts inside the reasoning and holds only ``</think>``."""
+        prompt = self.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        return prompt.rstrip().endswith("<think>")
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True

@@ -133,8 +133,12 @@ class FakeEngine:
             text = f"<think>Let me think about it.</think>\n\n{text}"
         elif self.think == "open":
             text = f"The user wants something. Let me think.\n</think>\n\n{text}"
-        ids = self.tokenizer.encode(text)[: request.sampling.max_tokens]
-        request.on_done(GenerationResult(request.request_id, text, ids, "stop", n))
+        ids = self.tokenizer.encode(text)
+        finish = "stop"
+        if len(ids) > request.sampling.max_tokens:  # cut off, as the real engine would
+            ids, finish = ids[: request.sampling.max_tokens], "length"
+            text = self.tokenizer.decode(ids)
+        request.on_done(GenerationResult(request.request_id, text, ids, finish, n))
 
     def user_turns(self, index: int = -1) -> list[str]:
         """The user turns of the ``index``-th prompt the engine saw."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -13,8 +14,9 @@ from agent.router import OVERLOADED, SHUTTING_DOWN, Router
 from agent.sessions import Session
 from agent.topics import Topics
 from engine.api import EngineError
+from engine.tokenizer import Tokenizer
 from projects import ProjectSpec
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine, tiny_tokenizer
 
 PROJECTS = {
     "maze": ProjectSpec("maze", "You guide a maze game.", temperature=0.6, max_tokens=100),
@@ -281,3 +283,36 @@ def test_never_publishes_on_reserved_topics(make_router: MakeRouter) -> None:
     router._publish("maze/user_input", "x")
     router._publish("maze/assistant_response/#", "x")
     assert replies.items == []
+
+
+QWQ_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+def qwq_like_tokenizer() -> Tokenizer:
+    """A copy of the fake engine's tokenizer (shared, cached) whose template opens <think>."""
+    hf = copy.deepcopy(tiny_tokenizer().hf)
+    hf.chat_template = QWQ_LIKE_TEMPLATE
+    return Tokenizer(hf)
+
+
+def test_prompt_opened_reasoning_cut_off_by_max_tokens_is_a_clear_error(make_router: MakeRouter) -> None:
+    """QwQ's template opens <think> in the prompt: a completion that never reaches </think>
+    is all reasoning, so it must not be sent as the answer."""
+    engine = FakeEngine(reply=lambda prompt, request: "Hmm, the user asks about mazes. Let me")
+    engine.tokenizer = qwq_like_tokenizer()
+    assert engine.tokenizer.opens_reasoning
+    router, _, replies = make_router(engine)
+    send(router, sessionId="s1", message="hello", maxTokens=6)
+    [(_, reply)] = replies.wait(1)
+    assert reply.startswith("Error: the model was still reasoning")
+
+
+def test_prompt_opened_reasoning_is_stripped_up_to_the_close(make_router: MakeRouter) -> None:
+    engine = FakeEngine(reply=lambda prompt, request: "the user greets me.\n</think>\n\nHello!")
+    engine.tokenizer = qwq_like_tokenizer()
+    router, _, replies = make_router(engine)
+    send(router, sessionId="s1", message="hello")
+    assert replies.wait(1) == [("maze/assistant_response/s1", "Hello!")]
