@@ -100,9 +100,17 @@ def test_flush_without_stop_returns_everything() -> None:
 def test_stream_equals_text_up_to_first_stop(text: str, stop: list[str]) -> None:
     detok = IncrementalDetokenizer(ByteTokenizer(), [], stop=stop)
     streamed = "".join(stream(detok, ByteTokenizer.encode(text)))
-    cuts = [i for s in stop if (i := text.find(s)) >= 0]
-    expected = text[: min(cuts)] if cuts else text
-    assert streamed == detok.text == expected
+    assert streamed == detok.text == cut_at_first_completed_stop(text, stop)
+
+
+def cut_at_first_completed_stop(text: str, stop: list[str]) -> str:
+    """Generation stops as soon as one stop string is complete (one character at a time);
+    the text ends where the earliest of the stop strings seen by then begins."""
+    for end in range(1, len(text) + 1):
+        cuts = [i for s in stop if (i := text[:end].find(s)) >= 0]
+        if cuts:
+            return text[: min(cuts)]
+    return text
 
 
 def test_real_byte_level_tokenizer(tokenizer: Tokenizer) -> None:
