@@ -22,6 +22,9 @@ class UnsupportedError(EngineError):
     """A requested feature, value or architecture that this engine does not support."""
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to build the engine; built once from the command line / YAML."""
@@ -33,8 +36,12 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences in one batch
     max_num_batched_tokens: int = 4096  # tokens in one forward pass (prefill chunks)
     quantization: str | None = None  # None/"none": the checkpoint's own dtype
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3 | fp8_e5m2
     gpu_memory_utilization: float = 0.9
+    cpu_memory_utilization: float = 0.5  # share of psutil's available memory on the CPU
+    block_size: int = 16  # tokens per KV-cache block
+    enable_prefix_caching: bool = True
+    project_shares: tuple[tuple[str, float], ...] = ()  # (project, kv_share); empty: one pool
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,10 +53,18 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 16:
             raise ValueError("max_num_seqs must be >= 1 and max_num_batched_tokens >= 16")
-        if not 0 < self.gpu_memory_utilization <= 1:
+        for name in ("gpu_memory_utilization", "cpu_memory_utilization"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
+        for project, share in self.project_shares:
+            if share <= 0:
+                raise ValueError(f"kv_share of project {project!r} must be > 0, got {share}")
 
 
 @dataclass(frozen=True)
