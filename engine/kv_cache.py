@@ -1,61 +1,167 @@
-"""Per-sequence contiguous KV cache (first engine).
+"""Paged KV cache: per layer, K and V tensors of fixed-size blocks, allocated once.
 
-Each running sequence owns one growing buffer for all layers. The paged
-block cache of the serving-core issue replaces this class behind the same
-``AttentionContext``; the model code does not change.
+Layer ``l`` holds ``k, v [num_blocks, block_size, Hkv, D]``; the block manager hands out block
+ids, the attention metadata maps tokens to slots (``block * block_size + offset``), and the
+attention layer writes and reads through those. ``bind(model)`` gives each ``Attention`` module
+its layer's tensors and scales.
+
+FP8 (``kv_cache_dtype`` "fp8" = "fp8_e4m3", or "fp8_e5m2"): the cache stores ``x / scale`` with
+one scale per layer for K and one for V, read back as ``fp8 * scale``. Storage and dequantize
+on read work wherever torch has the dtype (CPU included; the Triton kernels convert the bits by
+hand, so any CUDA GPU works too, not only sm_89+). Scales come from the checkpoint's
+``k_scale``/``v_scale`` when present; otherwise each layer calibrates once, on the first batch
+it writes that is not all zeros: ``scale = CALIBRATION_HEADROOM * amax / fp8_max``, fixed
+afterwards (a later larger value is clamped). Call :meth:`PagedKVCache.reset_calibration` after
+a warm-up or profiling run on dummy data so that real text sets the scales.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
+
 import torch
 
+from engine.layers.attention import Attention
+from kernels.paged_attention_ref import is_fp8
 
-class SequenceKVCache:
-    """K and V of one sequence for every layer: ``[layers, capacity, kv_heads, head_dim]``."""
+log = logging.getLogger(__name__)
+
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,  # the model's dtype
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+# Calibrated scales leave this factor of range above the first batch's largest value.
+CALIBRATION_HEADROOM = 2.0
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype for a ``kv_cache_dtype`` option."""
+    if name not in KV_CACHE_DTYPES:
+        choices = ", ".join(repr(k) for k in KV_CACHE_DTYPES)
+        raise ValueError(f"unknown kv_cache_dtype {name!r}: expected one of {choices}")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's share: what an ``Attention`` module reads and writes."""
+
+    k: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    k_scale: float = 1.0  # fp8 only: stored value = x / scale
+    v_scale: float = 1.0
+    needs_calibration: bool = False  # fp8 without checkpoint scales, not yet calibrated
+
+    def calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set the scales from this batch's ``k, v [T, Hkv, D]`` (skipped while all zeros)."""
+        k_amax, v_amax = (float(x.detach().abs().amax().float()) if x.numel() else 0.0 for x in (k, v))
+        if not (k_amax > 0 and v_amax > 0 and math.isfinite(k_amax + v_amax)):
+            return
+        fmax = torch.finfo(self.k.dtype).max
+        self.k_scale = CALIBRATION_HEADROOM * k_amax / fmax
+        self.v_scale = CALIBRATION_HEADROOM * v_amax / fmax
+        self.needs_calibration = False
+
+
+class PagedKVCache:
+    """K/V blocks of every layer. ``layers[l].k`` / ``.v`` are ``[num_blocks, block_size, Hkv, D]``."""
 
     def __init__(
         self,
         num_layers: int,
+        num_blocks: int,
+        block_size: int,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        initial_capacity: int = 64,
+        kv_cache_dtype: str = "auto",
+        k_scales: list[float] | None = None,
+        v_scales: list[float] | None = None,
     ) -> None:
-        shape = (num_layers, initial_capacity, num_kv_heads, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.num_tokens = 0  # tokens committed (written by every layer)
+        if min(num_layers, num_blocks, block_size, num_kv_heads, head_dim) <= 0:
+            raise ValueError("PagedKVCache sizes must be positive")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
+        fp8 = is_fp8(self.cache_dtype)
+        self.scales_from_checkpoint = k_scales is not None
+        if (k_scales is None) != (v_scales is None):
+            raise ValueError("give both k_scales and v_scales, or neither")
+        if k_scales is not None and v_scales is not None:
+            for what, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+                if len(scales) != num_layers or not all(s > 0 and math.isfinite(s) for s in scales):
+                    raise ValueError(f"{what} must hold {num_layers} positive finite floats")
+            if not fp8:
+                log.info("kv_cache_dtype %s is not fp8: the checkpoint's KV scales are unused",
+                         kv_cache_dtype)
+        elif fp8:
+            log.warning(
+                "fp8 KV cache without scales in the checkpoint: each layer calibrates its scales "
+                "on its first batch (%.1f x amax / fp8 max) and keeps them", CALIBRATION_HEADROOM
+            )
+        # zeros, not empty: padded reads of never-written slots must be finite (0 * NaN = NaN)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers = [
+            LayerKVCache(
+                k=torch.zeros(shape, dtype=self.cache_dtype, device=device),
+                v=torch.zeros(shape, dtype=self.cache_dtype, device=device),
+                k_scale=k_scales[i] if fp8 and k_scales else 1.0,
+                v_scale=v_scales[i] if fp8 and v_scales else 1.0,
+                needs_calibration=fp8 and k_scales is None,
+            )
+            for i in range(num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype
+    ) -> int:
+        """Bytes one block id costs across all layers, K and V (for the memory planner)."""
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * cache_dtype.itemsize
 
     @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
+    def is_fp8(self) -> bool:
+        return is_fp8(self.cache_dtype)
 
-    def reserve(self, total_tokens: int) -> None:
-        """Grow (doubling) so that ``total_tokens`` fit; called before a forward pass."""
-        if total_tokens <= self.capacity:
-            return
-        new_cap = max(total_tokens, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.empty((old.shape[0], new_cap, *old.shape[2:]), dtype=old.dtype, device=old.device)
-            new[:, : self.num_tokens] = old[:, : self.num_tokens]
-            setattr(self, name, new)
+    @property
+    def k_scales(self) -> list[float]:
+        return [layer.k_scale for layer in self.layers]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's ``k, v [n, kv_heads, head_dim]`` after the committed tokens;
-        return the layer's keys and values up to and including them."""
-        start, end = self.num_tokens, self.num_tokens + k.shape[0]
-        self.k[layer, start:end] = k
-        self.v[layer, start:end] = v
-        return self.k[layer, :end], self.v[layer, :end]
-
-    def advance(self, n: int) -> None:
-        """Commit ``n`` new tokens once every layer has written them."""
-        self.num_tokens += n
-
-    def truncate(self, n: int) -> None:
-        self.num_tokens = min(self.num_tokens, n)
+    @property
+    def v_scales(self) -> list[float]:
+        return [layer.v_scale for layer in self.layers]
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.num_blocks * self.bytes_per_block(
+            self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.cache_dtype
+        )
+
+    def reset_calibration(self) -> None:
+        """Forget computed fp8 scales (e.g. after a profiling run on dummy tokens); checkpoint
+        scales stay."""
+        if not self.is_fp8 or self.scales_from_checkpoint:
+            return
+        for layer in self.layers:
+            layer.needs_calibration = True
+            layer.k_scale = layer.v_scale = 1.0
+
+    def bind(self, model: torch.nn.Module) -> None:
+        """Attach each layer's tensors and scales to the model's ``Attention`` modules."""
+        modules = [m for m in model.modules() if isinstance(m, Attention)]
+        found = sorted(m.layer_idx for m in modules)
+        if found != list(range(self.num_layers)):
+            raise ValueError(
+                f"the model's attention layers {found} do not match a {self.num_layers}-layer cache"
+            )
+        for m in modules:
+            if (m.num_kv_heads, m.head_dim) != (self.num_kv_heads, self.head_dim):
+                raise ValueError(
+                    f"layer {m.layer_idx} has {m.num_kv_heads} KV heads of {m.head_dim}, "
+                    f"the cache {self.num_kv_heads} of {self.head_dim}"
+                )
+            m.kv_cache = self.layers[m.layer_idx]

@@ -31,8 +31,10 @@ from engine.api import (
     GenerationResult,
     SamplingParams,
 )
+from engine.block_manager import BlockManager
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_stats import EngineStats
+from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -59,7 +61,10 @@ class LLMEngine:
         model: torch.nn.Module,
         device: torch.device,
         dtype: torch.dtype,
+        kv_scales: tuple[list[float], list[float]] | None = None,
     ) -> None:
+        """Plans memory and allocates the paged KV cache once (``engine.kv_setup``);
+        ``kv_scales``: the checkpoint's per-layer fp8 KV scales, if any."""
         check_supported(config)
         self.config = config
         self.tokenizer = tokenizer
@@ -71,8 +76,17 @@ class LLMEngine:
             )
         self.max_model_len: int = config.max_model_len or model_max
         self.vocab_size = int(model.config.vocab_size)
-        self.runner = ModelRunner(model, device, dtype, self.max_model_len, seed=config.seed)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.memory_plan = plan_kv_cache(model, config, device, dtype, self.max_model_len)
+        kv_cache = allocate_kv_cache(model, self.memory_plan, config, device, dtype, kv_scales)
+        self.runner = ModelRunner(model, kv_cache, device, seed=config.seed)
+        self.block_manager = BlockManager(
+            self.memory_plan.num_blocks, config.block_size,
+            project_shares=dict(config.project_shares) or None,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, self.block_manager
+        )
         self._inbox: queue.Queue[tuple[str, Any, float]] = queue.Queue()
         self._active: dict[str, _Active] = {}  # loop thread only
         self._lock = threading.Lock()  # guards _closed and _thread
@@ -94,9 +108,12 @@ class LLMEngine:
         tokenizer = Tokenizer.from_pretrained(
             config.model_path, extra_eos_token_ids=tuple(model_config.eos_token_ids)
         )
-        model = load_model(config.model_path, dtype, device)
-        log.info("engine ready: %s on %s (%s)", config.model_path, device, dtype)
-        return cls(config, tokenizer, model, device, dtype)
+        model = load_model(config.model_path, dtype, device, config=model_config)
+        kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
+        engine = cls(config, tokenizer, model, device, dtype, kv_scales)
+        log.info("engine ready: %s on %s (%s, KV cache %s)", config.model_path, device, dtype,
+                 engine.runner.kv_cache.cache_dtype)
+        return engine
 
     # -- public interface (any thread) -------------------------------------------------------
 
@@ -121,7 +138,9 @@ class LLMEngine:
                 self._inbox.put(("cancel", request_id, time.monotonic()))
 
     def token_budget(self, project: str) -> int:
-        return self.max_model_len
+        """Prompt + completion tokens one request of ``project`` may hold: its KV share."""
+        share = self.block_manager.share_blocks(project) * self.block_manager.block_size
+        return min(self.max_model_len, share)
 
     def stats(self) -> dict:
         """running, waiting, processed, errors, cancelled, steps, prompt_tokens,
@@ -129,6 +148,10 @@ class LLMEngine:
         out: dict[str, Any] = self._stats.snapshot()
         out["waiting"] += self._inbox.qsize()  # submitted, not yet seen by the loop
         out["max_model_len"] = self.max_model_len
+        out["preemptions"] = self.scheduler.num_preemptions
+        out["kv_blocks_total"] = self.block_manager.num_blocks
+        out["kv_blocks_free"] = self.block_manager.num_free_blocks
+        out["kv_blocks_by_project"] = self.block_manager.usage_by_project()
         return out
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -231,8 +254,12 @@ class LLMEngine:
     def _step(self) -> None:
         start = time.monotonic()
         batch = self.scheduler.schedule()
+        for seq in batch.failed:
+            self._finish(seq, "error", seq.error or "the request does not fit in the KV cache")
+        if batch.is_empty:
+            return
         prompt_tokens = sum(
-            n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True) if s.is_prefill
+            n for n, prefill in zip(batch.num_new_tokens, batch.is_prefill, strict=True) if prefill
         )
         try:
             tokens = self.runner.run(batch)
@@ -242,13 +269,15 @@ class LLMEngine:
                 self._finish(seq, "error", f"forward pass failed: {type(exc).__name__}: {exc}")
             return
         self.scheduler.update(batch, tokens)
-        for seq in batch.seqs:
+        for seq, produced in zip(batch.seqs, batch.produces_token, strict=True):
+            if not produced:
+                continue  # a prefill chunk that does not reach the prompt's end yet
             try:
                 self._postprocess(seq)
             except Exception as exc:  # a bug, not the request's fault: fail this one only
                 log.exception("postprocessing request %s failed", seq.request_id)
                 self._finish(seq, "error", f"internal error: {type(exc).__name__}: {exc}")
-        self._stats.record_step(start, time.monotonic(), prompt_tokens, len(tokens))
+        self._stats.record_step(start, time.monotonic(), prompt_tokens, sum(batch.produces_token))
         self._update_sizes()
 
     def _postprocess(self, seq: Sequence) -> None:

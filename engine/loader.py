@@ -24,8 +24,9 @@ from engine.models import get_model_class
 
 log = logging.getLogger(__name__)
 
-# Tensors some checkpoints carry that the model computes itself.
-_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Tensors some checkpoints carry that the model computes itself, and the fp8 KV-cache
+# scales (``engine.kv_setup.load_kv_scales`` reads those).
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^model\.layers\.\d+\.self_attn\.(k|v|kv)_scale$")
 _MAX_LISTED = 10
 
 

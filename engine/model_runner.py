@@ -1,10 +1,11 @@
-"""Run one scheduled step: tensors in, one sampled token per sequence out.
+"""Run one scheduled step: tensors in, one sampled token per finished chunk out.
 
 The runner turns a ``ScheduledBatch`` into a flattened token axis
-(``input_ids``, ``positions``) plus an ``AttentionContext``, runs the model once
-for the whole batch, takes the hidden state of each sequence's last new token,
-computes logits for those rows only, and samples. It owns the KV cache of every
-sequence (and its seeded generator) and frees them when the engine says so.
+(``input_ids``, ``positions``) plus ``AttentionMetadata`` over the sequences'
+block tables, runs the model once for the whole batch, computes logits only
+for the chunks that end a sequence's known tokens, and samples those. It owns
+the paged KV cache (allocated once, bound to the model's attention layers) and
+each seeded request's generator; the block manager owns which blocks hold what.
 """
 
 from __future__ import annotations
@@ -13,57 +14,32 @@ import logging
 
 import torch
 
-from engine.kv_cache import SequenceKVCache
-from engine.layers.attention import AttentionContext
+from engine.kv_cache import PagedKVCache
+from engine.layers.attention import AttentionMetadata
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-_MIN_CACHE = 32  # tokens a fresh cache holds at least
-_DECODE_HEADROOM = 128  # completion tokens a fresh cache makes room for up front
-
 
 class ModelRunner:
-    """Owns the model, the per-sequence KV caches and the sampler."""
+    """Owns the model, the paged KV cache and the sampler."""
 
     def __init__(
         self,
         model: torch.nn.Module,
+        kv_cache: PagedKVCache,
         device: torch.device,
-        dtype: torch.dtype,
-        max_model_len: int,
         seed: int = 0,
     ) -> None:
         self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
         self.device = device
-        self.dtype = dtype
-        self.max_model_len = max_model_len
-        cfg = model.config
-        self.num_layers: int = cfg.num_layers
-        self.num_kv_heads: int = cfg.num_kv_heads
-        self.head_dim: int = cfg.head_dim
+        kv_cache.bind(model)
         self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
-        self.caches: dict[int, SequenceKVCache] = {}  # seq_id -> cache
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> seeded generator
-
-    # -- cache ownership --------------------------------------------------------------------
-
-    def _cache_for(self, seq: Sequence) -> SequenceKVCache:
-        cache = self.caches.get(seq.seq_id)
-        if cache is None:
-            want = seq.num_prompt_tokens + min(seq.sampling.max_tokens, _DECODE_HEADROOM)
-            cache = SequenceKVCache(
-                self.num_layers,
-                self.num_kv_heads,
-                self.head_dim,
-                self.dtype,
-                self.device,
-                initial_capacity=max(_MIN_CACHE, min(want, self.max_model_len)),
-            )
-            self.caches[seq.seq_id] = cache
-        return cache
 
     def _generator_for(self, seq: Sequence) -> torch.Generator | None:
         if seq.sampling.seed is None or seq.sampling.greedy:
@@ -75,49 +51,47 @@ class ModelRunner:
         return gen
 
     def free(self, seq: Sequence) -> None:
-        """Release a sequence's cache and generator (finished, cancelled or failed)."""
-        self.caches.pop(seq.seq_id, None)
+        """Forget a finished sequence's generator (its blocks go back via the block manager)."""
         self.generators.pop(seq.seq_id, None)
 
-    def kv_cache_bytes(self) -> int:
-        return sum(c.nbytes() for c in self.caches.values())
-
-    # -- one step ---------------------------------------------------------------------------
-
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        """``input_ids [T]``, ``positions [T]`` and the context of the flattened batch."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """``input_ids [T]``, ``positions [T]`` and the attention metadata of the batch."""
         ids: list[int] = []
         positions: list[int] = []
-        caches: list[SequenceKVCache] = []
+        seq_lens: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start = seq.num_computed_tokens
             assert n > 0 and start + n <= seq.num_tokens, (seq, n)
-            cache = self._cache_for(seq)
-            assert cache.num_tokens == start, (cache.num_tokens, start)
-            cache.reserve(start + n)
             ids.extend(seq.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            caches.append(cache)
+            seq_lens.append(start + n)
+        meta = AttentionMetadata.build(
+            list(batch.num_new_tokens), seq_lens, [seq.block_table for seq in batch.seqs],
+            self.block_size, self.device,
+        )
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return input_ids, pos, AttentionContext(list(batch.num_new_tokens), caches)
+        return input_ids, pos, meta
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """One forward pass for the whole batch; the sampled token of each sequence.
-
-        Every scheduled sequence gets a token (whole-prompt prefills only, for now).
-        On an exception no cache has advanced; the caller fails (and frees) the batch.
-        """
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """One forward pass for the whole batch; the sampled token of each sequence whose
+        chunk reaches its last known token, ``None`` for partial prefill chunks."""
         if batch.is_empty:
             return []
-        input_ids, positions, ctx = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, ctx)  # [T, hidden]
-        last = torch.tensor(ctx.last_token_indices(), dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last))  # [n, vocab] fp32
-        params = [seq.sampling for seq in batch.seqs]
-        generators = [self._generator_for(seq) for seq in batch.seqs]
-        tokens = self.sampler(logits, params, generators).tolist()
-        for cache, n in zip(ctx.caches, ctx.query_lens, strict=True):
-            cache.advance(n)
-        return tokens
+        input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model.forward(input_ids, positions, meta)  # [T, hidden]
+        rows = [i for i, produces in enumerate(batch.produces_token) if produces]
+        out: list[int | None] = [None] * len(batch.seqs)
+        if not rows:
+            return out
+        last = meta.last_token_indices()
+        index = torch.tensor([last[i] for i in rows], dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, index))  # [n, vocab] fp32
+        seqs = [batch.seqs[i] for i in rows]
+        tokens = self.sampler(
+            logits, [s.sampling for s in seqs], [self._generator_for(s) for s in seqs]
+        ).tolist()
+        for i, token in zip(rows, tokens, strict=True):
+            out[i] = int(token)
+        return out

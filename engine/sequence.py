@@ -1,8 +1,9 @@
 """One request's state inside the engine: token ids, progress, status, timings.
 
-Plain Python (no torch), so the scheduler and its tests stay fast. The KV
-cache of a sequence lives in the model runner; a sequence only counts how
-many of its tokens are already in it (``num_computed_tokens``).
+Plain Python (no torch), so the scheduler and its tests stay fast. The KV of a
+sequence lives in fixed-size cache blocks; the sequence holds only their ids
+(``block_table``, filled by ``engine.block_manager.BlockManager``) and counts how
+many of its tokens are already in them (``num_computed_tokens``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.num_cached_prompt_tokens = 0  # prompt tokens reused from a prefix cache (later)
+        self.num_cached_prompt_tokens = 0  # prompt tokens reused from the prefix cache
+        self.block_table: list[int] = []  # KV block ids, in token order (block manager)
+        # Chain id of each full, computed block of the table (prefix caching, block manager).
+        self.block_chain_ids: list[int] = []
+        self.num_preemptions = 0  # times its KV was dropped to make room (recomputed later)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None

@@ -19,11 +19,6 @@ def check_supported(config: EngineConfig) -> None:
             "weights come with a later release; serve an unquantized checkpoint "
             "(quantization: none)"
         )
-    if config.kv_cache_dtype != "auto":
-        raise UnsupportedError(
-            f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported by this engine "
-            "version: the KV cache uses the model dtype ('auto'); fp8 KV comes with a later release"
-        )
 
 
 def validate_request(request: GenerationRequest, max_model_len: int, vocab_size: int) -> str | None:

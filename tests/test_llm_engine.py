@@ -19,7 +19,7 @@ from engine.api import (
     UnsupportedError,
 )
 from engine.config import ModelConfig
-from engine.layers.attention import AttentionContext
+from engine.layers.attention import AttentionMetadata
 from engine.llm_engine import LLMEngine
 from engine.loader import load_model
 from engine.tokenizer import Tokenizer
@@ -38,16 +38,17 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-class Probe:
+class Probe(torch.nn.Module):
     """Wraps the model: counts forward passes, records batch layouts, injects failures."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
         self.model, self.config = model, model.config
         self.calls: list[list[int]] = []  # query_lens of every forward
         self.fail_on: set[int] = set()  # 1-based call numbers that raise
         self.hook: Callable[[int], None] | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata):
         self.calls.append(list(ctx.query_lens))
         if self.hook is not None:
             self.hook(len(self.calls))
@@ -153,7 +154,7 @@ def test_create_engine_and_defaults(path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "words"),
-    [("quantization", "awq", "later release"), ("kv_cache_dtype", "fp8", "kv_cache_dtype")],
+    [("quantization", "awq", "later release")],
 )
 def test_unsupported_options(path: Path, field: str, value: str, words: str) -> None:
     with pytest.raises(UnsupportedError, match=value) as err:

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from engine.api import EngineError, UnsupportedError
 from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
 from engine.device import resolve_device, resolve_dtype
-from engine.kv_cache import SequenceKVCache
-from engine.layers.attention import AttentionContext
+from engine.kv_cache import PagedKVCache
+from engine.layers.attention import AttentionMetadata
 from engine.loader import load_model
 from engine.models import get_model_class, supported_architectures
 from tests.checkpoints import LLAMA3_ROPE, tiny_checkpoint, tiny_checkpoint_copy
@@ -213,9 +213,10 @@ def test_untied_head_and_bf16_cast() -> None:
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
     c = model.config
-    cache = SequenceKVCache(c.num_layers, c.num_kv_heads, c.head_dim, torch.bfloat16, "cpu")
+    PagedKVCache(c.num_layers, 1, 16, c.num_kv_heads, c.head_dim, torch.bfloat16, "cpu").bind(model)
+    meta = AttentionMetadata.build([3], [3], [[0]], 16, "cpu")
     with torch.inference_mode():
-        hidden = model(torch.tensor([5, 6, 7]), torch.arange(3), AttentionContext([3], [cache]))
+        hidden = model(torch.tensor([5, 6, 7]), torch.arange(3), meta)
         logits = model.compute_logits(hidden)
     assert hidden.dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()

@@ -1,36 +1,52 @@
-"""Attention over a flattened batch of sequences (variable lengths, no padding).
+"""Attention over a flattened batch of sequences, through the paged KV cache.
 
-The model sees one token axis ``T`` that concatenates every scheduled
-sequence's new tokens (a whole prompt for a prefill, one token for a decode).
-``AttentionContext`` tells the attention layer where each sequence starts and
-which KV cache it writes to; this is the seam the paged cache and the Triton
-kernels plug into.
+The model sees one token axis ``T`` that concatenates every scheduled sequence's new tokens
+(a prompt chunk for a prefill, one token for a decode). ``AttentionMetadata`` says where each
+sequence's tokens start, how long each sequence is in the cache (this step included), its block
+table, and the cache slot of every new token. ``Attention.forward`` writes this step's K/V to
+its layer's cache (``PagedKVCache.bind`` attaches it), then attends through the block tables:
+Triton kernels on CUDA, the torch reference of the same function elsewhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
-from engine.kv_cache import SequenceKVCache
+from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
+
+if TYPE_CHECKING:
+    from engine.kv_cache import LayerKVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class AttentionContext:
-    """Layout of one forward pass. ``query_lens[i]`` new tokens of sequence i, in order."""
+class AttentionMetadata:
+    """Layout of one forward pass: sequence ``b`` has ``query_lens[b]`` new tokens, in order."""
 
-    query_lens: list[int]
-    caches: list[SequenceKVCache]
-
-    def __post_init__(self) -> None:
-        assert len(self.query_lens) == len(self.caches)
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) per token
+    query_start_loc: torch.Tensor  # [B + 1] int32: prefix sums of query_lens
+    seq_lens: torch.Tensor  # [B] int32: tokens in the cache per sequence, this step's included
+    block_tables: torch.Tensor  # [B, max_blocks] int32, right-padded with 0
+    max_query_len: int
+    max_seq_len: int
+    query_lens: list[int]  # host copies of the lengths
+    seq_lens_list: list[int]
+    decode_only: bool  # every query_len is 1
 
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
 
     def last_token_indices(self) -> list[int]:
         """Index (on the flattened token axis) of each sequence's last new token."""
@@ -40,21 +56,53 @@ class AttentionContext:
             out.append(pos - 1)
         return out
 
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        """From host lists: each sequence's new tokens are the last ``query_lens[b]`` of its
+        ``seq_lens[b]``, and ``block_tables[b]`` must cover all ``seq_lens[b]`` tokens."""
+        assert len(query_lens) == len(seq_lens) == len(block_tables)
+        slots: list[int] = []
+        starts = [0]
+        for n, total, table in zip(query_lens, seq_lens, block_tables, strict=True):
+            assert 0 < n <= total <= len(table) * block_size, (n, total, len(table), block_size)
+            slots.extend(table[p // block_size] * block_size + p % block_size
+                         for p in range(total - n, total))
+            starts.append(starts[-1] + n)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(-1, width),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_lens=list(query_lens),
+            seq_lens_list=list(seq_lens),
+            decode_only=all(n == 1 for n in query_lens),
+        )
 
-def causal_mask(q_len: int, kv_len: int, sliding_window: int | None, device) -> torch.Tensor | None:
-    """Boolean mask ``[q_len, kv_len]`` (True = attend) for queries at the end of the keys."""
-    if q_len == 1 and (sliding_window is None or kv_len <= sliding_window):
-        return None
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= (q_pos - k_pos) < sliding_window
-    return mask
+
+@cache
+def _use_triton(device_type: str) -> bool:
+    """Triton kernels on CUDA when triton is installed; logged once per device type."""
+    triton = device_type == "cuda" and importlib.util.find_spec("triton") is not None
+    if triton:
+        log.info("attention: Triton paged-attention kernels on %s", device_type)
+    else:
+        log.info("attention: torch reference paged attention on %s", device_type)
+    return triton
 
 
 class Attention(torch.nn.Module):
-    """Scaled dot-product attention with grouped KV heads, reading and writing the KV cache."""
+    """Scaled dot-product attention with grouped KV heads over this layer's paged KV cache."""
 
     def __init__(
         self,
@@ -73,62 +121,58 @@ class Attention(torch.nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        self.kv_cache: LayerKVCache | None = None  # set by PagedKVCache.bind
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]
-        out = torch.empty_like(q)
-        decode_rows: list[int] = []
-        decode_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        start = 0
-        for n, cache in zip(ctx.query_lens, ctx.caches, strict=True):
-            end = start + n
-            keys, values = cache.write(self.layer_idx, k[start:end], v[start:end])  # [L, Hkv, D]
-            if n == 1:  # decodes are gathered into one padded call below
-                decode_rows.append(start)
-                decode_kv.append((keys, values))
-            else:
-                out[start:end] = self._attend(q[start:end], keys, values)
-            start = end
-        if len(decode_rows) == 1:
-            keys, values = decode_kv[0]
-            out[decode_rows[0] : decode_rows[0] + 1] = self._attend(q[decode_rows[0]][None], keys, values)
-        elif decode_rows:
-            rows = torch.tensor(decode_rows, device=q.device)
-            out[rows] = self._attend_decodes(q[rows], decode_kv)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        cache_ = self.kv_cache
+        if cache_ is None:
+            raise RuntimeError(f"layer {self.layer_idx} has no KV cache: call PagedKVCache.bind")
+        if cache_.needs_calibration:
+            cache_.calibrate(k, v)
+        attend = _attend_triton if _use_triton(q.device.type) else _attend_torch
+        out = attend(q, k, v, meta, cache_, self.scale, self.sliding_window)  # [T, Hq, D]
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, Hq * D]
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """One sequence: ``q [n, Hq, D]`` at the end of ``keys/values [L, Hkv, D]``."""
-        mask = causal_mask(q.shape[0], keys.shape[0], self.sliding_window, q.device)
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),  # [Hq, n, D]
-            keys.transpose(0, 1),  # [Hkv, L, D]
-            values.transpose(0, 1),
-            attn_mask=mask,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        return o.transpose(0, 1)
 
-    def _attend_decodes(
-        self, q: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> torch.Tensor:
-        """Many one-token queries ``q [B, Hq, D]`` in one call, keys right-padded to the longest."""
-        lens = torch.tensor([keys.shape[0] for keys, _ in kv], device=q.device)
-        keys = pad_sequence([keys for keys, _ in kv], batch_first=True)  # [B, Lmax, Hkv, D]
-        values = pad_sequence([values for _, values in kv], batch_first=True)
-        k_pos = torch.arange(keys.shape[1], device=q.device)[None, :]
-        mask = k_pos < lens[:, None]  # [B, Lmax]
-        if self.sliding_window is not None:
-            mask &= k_pos >= (lens[:, None] - self.sliding_window)
-        o = F.scaled_dot_product_attention(
-            q[:, :, None, :],  # [B, Hq, 1, D]
-            keys.transpose(1, 2),  # [B, Hkv, Lmax, D]
-            values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
+def _attend_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    cache_: LayerKVCache,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    write_kv_ref(k, v, cache_.k, cache_.v, meta.slot_mapping, cache_.k_scale, cache_.v_scale)
+    return paged_attention_ref(
+        q, cache_.k, cache_.v, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+        sliding_window, cache_.k_scale, cache_.v_scale,
+    )
+
+
+def _attend_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    cache_: LayerKVCache,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    from kernels.paged_attention import paged_attention
+    from kernels.paged_attention_decode import paged_attention_decode
+    from kernels.write_kv import write_kv
+
+    write_kv(k, v, cache_.k, cache_.v, meta.slot_mapping, cache_.k_scale, cache_.v_scale)
+    if meta.decode_only:
+        return paged_attention_decode(
+            q, cache_.k, cache_.v, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
+            sliding_window, cache_.k_scale, cache_.v_scale,
         )
-        return o[:, :, 0, :]  # [B, Hq, D]
+    return paged_attention(
+        q, cache_.k, cache_.v, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+        meta.max_query_len, sliding_window, cache_.k_scale, cache_.v_scale,
+    )

@@ -7,7 +7,7 @@ loader fills weights by name.
 
 Every forward works on one flattened token axis ``T`` (all scheduled sequences'
 new tokens, no padding); ``positions`` gives each token's place in its sequence
-and ``AttentionContext`` where each sequence starts and which cache it uses.
+and ``AttentionMetadata`` where each sequence starts and which cache it uses.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layers.activation import silu_and_mul
-from engine.layers.attention import Attention, AttentionContext
+from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
@@ -46,7 +46,7 @@ class LlamaAttention(torch.nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata
     ) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
@@ -79,7 +79,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.mlp = LlamaMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -96,7 +96,7 @@ class LlamaModel(torch.nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(positions, x.dtype)  # [T, head_dim] each
@@ -123,7 +123,7 @@ class LlamaForCausalLM(torch.nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata
     ) -> torch.Tensor:
         assert input_ids.shape == positions.shape and input_ids.dim() == 1
         assert input_ids.shape[0] == ctx.num_tokens, "ctx.query_lens must cover every token"
