@@ -8,10 +8,13 @@ import threading
 from types import FrameType
 
 from agent.config import AgentConfig
+from agent.control import Control
+from agent.legacy import LegacyTopics, legacy_projects
+from agent.maze_state import MazeHints
 from agent.mqtt_client import MqttClient, MqttConnectError
 from agent.router import Router
 from agent.sessions import SessionStore
-from agent.topics import Topics
+from agent.topics import MAZE, Topics
 from engine.api import EngineProtocol
 from projects import ProjectSpec, load_project
 
@@ -21,7 +24,7 @@ __all__ = ["Agent", "MqttConnectError"]
 
 
 class Agent:
-    """Serves part A of PROTOCOL.md for ``config.projects`` with one engine.
+    """Serves PROTOCOL.md parts A and B for ``config.projects`` with one engine.
 
     ``start()`` starts the engine, then connects; ``stop()`` answers every
     pending request, disconnects and shuts the engine down.
@@ -37,10 +40,21 @@ class Agent:
         self.config = config
         self.engine = engine
         given = projects or {}
-        self.projects = {name: given.get(name) or load_project(name) for name in config.projects}
+        names = list(config.projects)
+        if config.legacy_topics:
+            names += [p for p in legacy_projects(config).values() if p not in names]
+        self.projects = {name: given.get(name) or load_project(name) for name in names}
         self.topics = Topics(config.projects, config.topic_prefix)
-        self.mqtt = MqttClient(config, self.topics.subscriptions(), self._on_message)
+        subscriptions = self.topics.all_subscriptions(legacy=config.legacy_topics)
+        self.mqtt = MqttClient(config, subscriptions, self._on_message)
         self.router = Router(config, engine, self.projects, self.topics, self.mqtt.publish, store)
+        self.maze = MazeHints(config, self.router, self.topics) if MAZE in config.projects else None
+        # Tried in order before the chat topics; each takes the topics that are its own.
+        self._handlers = [Control(config, self.router, self.topics, self.maze).handle]
+        if self.maze is not None:
+            self._handlers.append(self.maze.handle)
+        if config.legacy_topics:
+            self._handlers.append(LegacyTopics(config, self.router, self.topics).handle)
         self._stop_requested = threading.Event()
         self._lock = threading.Lock()
         self._started = False
@@ -52,7 +66,14 @@ class Agent:
         return self.mqtt.ready
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        for handle in self._handlers:
+            if handle(topic, payload):
+                return
         self.router.handle_message(topic, payload)
+
+    def stats(self) -> dict:
+        """The engine's counters, and the router's (pending turns, output-rule repairs)."""
+        return {"engine": self.engine.stats(), "agent": self.router.stats()}
 
     def start(self, wait: bool = True, timeout: float | None = None) -> None:
         """With ``wait`` (default) returns once subscribed, or raises MqttConnectError after

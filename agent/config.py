@@ -34,6 +34,10 @@ class AgentConfig:
     max_payload_bytes: int = 1_000_000
     request_timeout: float = 100.0  # a reply (maybe an error) before clients give up (45-120 s)
     num_workers: int = 4  # threads that prepare prompts and publish replies
+    # plain-text topics of the older game clients (PROTOCOL.md part B): off unless asked for
+    legacy_topics: bool = False
+    legacy_project: str = "general"  # whose prompt serves llama/user_input/<sid>
+    legacy_driving_project: str = "driving"  # ... and llama/driving/user_input/<sid>
 
     def __post_init__(self) -> None:
         if not self.projects:
@@ -53,3 +57,7 @@ class AgentConfig:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        from projects import validate_project_name
+
+        validate_project_name(self.legacy_project)
+        validate_project_name(self.legacy_driving_project)

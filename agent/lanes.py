@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.protocol import ChatRequest
 from agent.sessions import Session, SessionKey
+from engine.api import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+# (reply or error text, True for a reply) -> the payload to publish (maze hints are JSON)
+Shape = Callable[[str, bool], str]
+INTERNAL = "Error: internal server error"
+
+
+def shaped(shape: Shape | None, text: str, ok: bool) -> str:
+    """The payload for ``text``: itself, or what ``shape`` makes of it."""
+    if shape is None:
+        return text
+    try:
+        return shape(text, ok)
+    except Exception:
+        log.exception("shaping a reply failed")
+    try:
+        return shape(INTERNAL, False)
+    except Exception:
+        return INTERNAL
 
 
 @dataclass(eq=False)
@@ -18,6 +41,12 @@ class Turn:
     engine_id: str | None = None
     answered: bool = False
     history: Session | None = None  # the session, trimmed, before this turn's reply is added
+    shape: Shape | None = None  # None: the text is the payload
+    generation: GenerationRequest | None = None  # what went to the engine (for one retry)
+    retried: bool = False
+    # The session was reset, swapped, cleared or deleted after this turn read it:
+    # it is answered, but its exchange is not recorded over the new state.
+    stale: bool = False
 
     @property
     def key(self) -> SessionKey:
@@ -68,6 +97,14 @@ class SessionLanes:
                 del self._lanes[turn.key]
                 return None
             return lane[0] if was_head else None
+
+    def mark_stale(self, project: str, session_id: str | None = None) -> None:
+        """Every unanswered turn of the session (of every session of ``project`` for None)."""
+        with self._lock:
+            for (p, sid), lane in self._lanes.items():
+                if p == project and session_id in (None, sid):
+                    for turn in lane:
+                        turn.stale = True
 
     def unanswered(self) -> list[Turn]:
         with self._lock:

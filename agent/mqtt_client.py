@@ -13,7 +13,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -33,6 +33,7 @@ GENERATED_SESSION_EXPIRY_S = 300
 _AUTH_FAILURES = {134, 135}  # bad user name or password, not authorized
 
 Handler = Callable[[str, bytes], None]
+Subscription = str | tuple[str, int]  # a topic (QoS 1) or (topic, QoS)
 
 
 class MqttConnectError(ConnectionError):
@@ -44,9 +45,11 @@ def generated_client_id() -> str:
 
 
 class MqttClient:
-    def __init__(self, config: AgentConfig, subscriptions: list[str], on_message: Handler) -> None:
+    def __init__(
+        self, config: AgentConfig, subscriptions: Sequence[Subscription], on_message: Handler
+    ) -> None:
         self.config = config
-        self.subscriptions = list(subscriptions)
+        self.subscriptions = [(s, QOS) if isinstance(s, str) else s for s in subscriptions]
         self._handler = on_message
         self.v5 = config.mqtt_protocol == "5"
         self.named = config.client_id is not None
@@ -170,7 +173,7 @@ class MqttClient:
             return
         log.info("connected to MQTT broker %s as %s (MQTT %s)", self.where, self.client_id,
                  self.config.mqtt_protocol)
-        result, self._sub_mid = client.subscribe([(t, QOS) for t in self.subscriptions])
+        result, self._sub_mid = client.subscribe(self.subscriptions)
         if result != mqtt.MQTT_ERR_SUCCESS:
             log.error("subscribing failed: %s", mqtt.error_string(result))
 
@@ -194,12 +197,13 @@ class MqttClient:
     ) -> None:
         if mid != self._sub_mid:
             return
-        refused = [t for t, rc in zip(self.subscriptions, reason_codes, strict=False) if rc.is_failure]
+        refused = [t for (t, _), rc in zip(self.subscriptions, reason_codes, strict=False)
+                   if rc.is_failure]
         if refused:
             self._fatal = f"subscription refused for {refused}"
             log.error("MQTT broker %s refused the subscription to %s", self.where, refused)
             return
-        log.info("subscribed to %s", ", ".join(self.subscriptions))
+        log.info("subscribed to %s", ", ".join(t for t, _ in self.subscriptions))
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

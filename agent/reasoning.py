@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
+from engine.api import GenerationResult
+
 OPEN, CLOSE = "<think>", "</think>"
+REASONING_CUT_OFF = (
+    "Error: the model was still reasoning when it reached maxTokens; "
+    "raise maxTokens (and --max_tokens) for this reasoning model"
+)
+EMPTY_ANSWER = "Error: the model returned an empty answer"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
@@ -45,3 +52,19 @@ def split_completion(text: str, prompt_opened: bool) -> tuple[str, str]:
     if prompt_opened and not text.lstrip().startswith(OPEN):
         text = OPEN + text
     return split_reasoning(text)
+
+
+def answer_of(result: GenerationResult, skip_thinking: bool, prompt_opened: bool) -> tuple[str, str | None]:
+    """``(answer, None)`` for a usable completion, else ``("", error reply)``."""
+    if result.finish_reason == "error" or result.error:
+        return "", f"Error: {result.error or 'generation failed'}"
+    if result.finish_reason == "cancelled":
+        return "", "Error: the request was cancelled"
+    text, reasoning = result.text, ""
+    if skip_thinking:
+        text, reasoning = split_completion(result.text, prompt_opened)
+    if text.strip():
+        return text, None
+    if reasoning and result.finish_reason == "length":
+        return "", REASONING_CUT_OFF
+    return "", EMPTY_ANSWER

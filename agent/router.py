@@ -12,19 +12,21 @@ import contextlib
 import itertools
 import logging
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agent.config import AgentConfig
 from agent.deadlines import DeadlineWatcher
 from agent.dedupe import Deduper
-from agent.lanes import SessionLanes, Turn
+from agent.lanes import INTERNAL, SessionLanes, Shape, Turn, shaped
+from agent.output_rules import RuleReviewer, retry_request
 from agent.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
 from agent.protocol import ChatRequest, ProtocolError, RequestParser
 from agent.rate_limit import RATE_LIMITED, RateLimiter
-from agent.reasoning import split_completion
+from agent.reasoning import answer_of
 from agent.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
 from agent.topics import Topics
 from engine.api import (
@@ -40,11 +42,6 @@ log = logging.getLogger(__name__)
 
 OVERLOADED = "Server is overloaded. Please try again in a moment."
 SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
-INTERNAL = "Error: internal server error"
-REASONING_CUT_OFF = (
-    "Error: the model was still reasoning when it reached maxTokens; "
-    "raise maxTokens (and --max_tokens) for this reasoning model"
-)
 Publish = Callable[[str, str], None]
 
 
@@ -73,6 +70,9 @@ class Router:
         self.limiter = RateLimiter(config.max_requests_per_session, config.rate_limit_window, clock=clock)
         self.deduper = Deduper(max(600.0, 2 * config.request_timeout), clock=clock)
         self.lanes = SessionLanes(config.max_queue)
+        self.rules = RuleReviewer()
+        self.default_prompts: dict[str, str] = {}  # set by P/template without a session
+        self._store_lock = threading.Lock()  # reading a session for a turn vs. changing it
         self._seq = itertools.count(1)
         self._tag = secrets.token_hex(3)  # engine request ids stay unique across routers
         self._stopping = False
@@ -81,6 +81,23 @@ class Router:
 
     def start(self) -> None:
         self._watcher.start()
+
+    # ---- hooks for the other topics (control, maze state, legacy) ----
+
+    def default_prompt(self, project: str) -> str:
+        """The system prompt of new sessions of ``project``."""
+        return self.default_prompts.get(project) or self.projects[project].system_prompt
+
+    @contextlib.contextmanager
+    def changing_sessions(self, project: str, session_id: str | None = None) -> Iterator[SessionStore]:
+        """The store, to change a session (every session of ``project`` for None) so that no
+        turn in flight writes its older copy back over the change."""
+        with self._store_lock:
+            yield self.store
+            self.lanes.mark_stale(project, session_id)
+
+    def stats(self) -> dict:
+        return {"pending": self.lanes.pending, "output_rules": self.rules.counts()}
 
     # ---- MQTT thread: quick checks, then hand off ----
 
@@ -94,7 +111,7 @@ class Router:
         except ProtocolError as err:
             self._reject(err)
             return
-        self._admit(request)
+        self.submit(request)
 
     def _reject(self, err: ProtocolError) -> None:
         if err.session_id and err.request_id and self.deduper.seen(
@@ -105,26 +122,28 @@ class Router:
             log.warning("bad request for project %s and no reply topic: %s", err.project, err.reply)
             return
         log.warning("bad request for project %s session %s: %s", err.project, err.session_id, err.reply)
-        self._publish(err.reply_topic, err.reply)
+        self.publish(err.reply_topic, err.reply)
 
-    def _admit(self, request: ChatRequest) -> None:
+    def submit(self, request: ChatRequest, shape: Shape | None = None) -> None:
+        """Admits a request (also one from another topic); ``shape`` makes the payload of its
+        reply or error from the text (None: the text itself)."""
         key = (request.project, request.session_id)
         if request.request_id and self.deduper.seen(key + (request.request_id,)):
             log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
             return
         if self._stopping:
-            self._publish(request.reply_topic, SHUTTING_DOWN)
+            self.publish(request.reply_topic, shaped(shape, SHUTTING_DOWN, False))
             return
         if not self.limiter.allow(key):
             log.warning("rate limit hit by session %s/%s", *key)
-            self._publish(request.reply_topic, RATE_LIMITED)
+            self.publish(request.reply_topic, shaped(shape, RATE_LIMITED, False))
             return
         now = self._clock()
-        turn = Turn(request, next(self._seq), now)
+        turn = Turn(request, next(self._seq), now, shape=shape)
         first = self.lanes.add(turn)
         if first is None:
             log.warning("queue full (%d requests): overloaded reply", self.config.max_queue)
-            self._publish(request.reply_topic, OVERLOADED)
+            self.publish(request.reply_topic, shaped(shape, OVERLOADED, False))
             return
         if self._stopping:  # stop() may have listed the pending turns before this one came
             self._finish(turn, SHUTTING_DOWN)
@@ -152,8 +171,10 @@ class Router:
         if turn.answered:
             return
         req, spec = turn.request, self.projects[turn.request.project]
-        session = self.store.get(turn.key)
-        system_prompt = resolve_system_prompt(req.system_prompt, session, spec.system_prompt)
+        with self._store_lock:
+            turn.stale = False  # only changes made after this read make the turn stale
+            session = self.store.get(turn.key)
+        system_prompt = resolve_system_prompt(req.system_prompt, session, self.default_prompt(req.project))
         turns = session.turns if session else []
         max_tokens = min(req.max_tokens or spec.max_tokens or self.config.max_tokens, self.config.max_tokens)
         limit = prompt_limit(
@@ -173,39 +194,42 @@ class Router:
             top_p=self.config.top_p if top_p is None else top_p,
             max_tokens=max_tokens,
         )
-        turn.engine_id = f"{self._tag}-{turn.seq}"
+        self._generate(turn, GenerationRequest(
+            request_id=f"{self._tag}-{turn.seq}",
+            prompt_token_ids=prompt.token_ids,
+            sampling=sampling,
+            on_done=lambda result: self._spawn(self._on_result, turn, result),
+            project=req.project,
+            metadata={"session_id": req.session_id, "client_id": req.client_id},
+        ))
+
+    def _generate(self, turn: Turn, generation: GenerationRequest) -> None:
+        turn.engine_id, turn.generation = generation.request_id, generation
         try:
-            self.engine.submit(GenerationRequest(
-                request_id=turn.engine_id,
-                prompt_token_ids=prompt.token_ids,
-                sampling=sampling,
-                on_done=lambda result: self._spawn(self._on_result, turn, result),
-                project=req.project,
-                metadata={"session_id": req.session_id, "client_id": req.client_id},
-            ))
+            self.engine.submit(generation)
         except EngineError as exc:
             self._finish(turn, f"Error: {exc}")
             return
         if turn.answered:  # timed out (or shut down) while being submitted
-            self.engine.cancel(turn.engine_id)
+            self.engine.cancel(generation.request_id)
 
     def _on_result(self, turn: Turn, result: GenerationResult) -> None:
-        if result.finish_reason == "error" or result.error:
-            log.warning("request %d: engine error: %s", turn.seq, result.error)
-            self._finish(turn, f"Error: {result.error or 'generation failed'}")
+        if turn.answered:  # timed out or shut down meanwhile: nothing to send, nothing to retry
             return
-        if result.finish_reason == "cancelled":
-            self._finish(turn, "Error: the request was cancelled")
+        text, error = answer_of(result, self.config.skip_thinking, self.engine.tokenizer.opens_reasoning)
+        if error is not None:
+            if result.error:
+                log.warning("request %d: engine error: %s", turn.seq, result.error)
+            self._finish(turn, error)
             return
-        text, reasoning = result.text, ""
-        if self.config.skip_thinking:
-            text, reasoning = split_completion(result.text, self.engine.tokenizer.opens_reasoning)
-        if not text.strip():
-            if reasoning and result.finish_reason == "length":
-                self._finish(turn, REASONING_CUT_OFF)
-            else:
-                self._finish(turn, "Error: the model returned an empty answer")
-            return
+        rules = self.projects[turn.request.project].output_rules
+        if rules is not None and turn.generation is not None:
+            reviewed = self.rules.review(turn.request.project, rules, text, turn.seq, not turn.retried)
+            if reviewed is None:  # broke its rules: once more
+                turn.retried = True
+                self._generate(turn, retry_request(turn.generation))
+                return
+            text = reviewed
         assert turn.history is not None
         history = Session(turn.history.system_prompt, turn.history.turns + [(turn.request.message, text)])
         if self._finish(turn, text, history):
@@ -221,9 +245,10 @@ class Router:
         """Answers ``turn`` unless it was answered already; the session changes only on success."""
         if not self.lanes.claim(turn):
             return False
-        if history is not None:
-            self.store.put(turn.key, history)
-        self._publish(turn.request.reply_topic, reply)
+        with self._store_lock:
+            if history is not None and not turn.stale:
+                self.store.put(turn.key, history)
+        self.publish(turn.request.reply_topic, shaped(turn.shape, reply, history is not None))
         following = self.lanes.advance(turn)
         if following is not None:
             self._spawn(self._run, following)
@@ -237,7 +262,8 @@ class Router:
         if self._finish(turn, reply) and turn.engine_id:
             self.engine.cancel(turn.engine_id)
 
-    def _publish(self, topic: str, payload: str) -> None:
+    def publish(self, topic: str, payload: str) -> None:
+        """Publishes unless ``topic`` is a request, control or invalid topic."""
         if not self.topics.publishable(topic):
             log.error("refusing to publish on %.200r (a request, control or invalid topic)", topic)
             return
@@ -254,3 +280,4 @@ class Router:
                 self.engine.cancel(turn.engine_id)
         self._watcher.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
+

@@ -156,6 +156,15 @@ FLAGS: tuple[Flag, ...] = (
        "MQTT client id; unset: generated, unique per process", optional=True),
     _f("topic_prefix", "str", "", "agent", Q,
        "prefix of every project topic, e.g. clinic1/ (default: none)", metavar="PREFIX"),
+    _f("legacy_topics", "bool", False, "agent", Q,
+       "also serve the older game clients' plain-text topics llama/user_input/<sid>, "
+       "llama/driving/user_input/<sid> and llama/session (PROTOCOL.md part B)"),
+    _f("legacy_project", "str", "general", "agent", Q,
+       "project whose prompt, rules and sessions serve llama/user_input/<sid>",
+       metavar="NAME"),
+    _f("legacy_driving_project", "str", "driving", "agent", Q,
+       "project whose prompt, rules and sessions serve llama/driving/user_input/<sid>",
+       metavar="NAME"),
     # launcher
     _f("config", "str", None, "launcher", L,
        "YAML file of settings (keys are flag names); command line > environment > YAML "

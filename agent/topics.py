@@ -13,8 +13,16 @@ REPLY = "assistant_response"
 CONTROL = ("template", "clear_history", "delete_session")
 # Per-project request topics beyond user_input (part B).
 PROJECT_REQUESTS = {"maze": ("state",)}
-# Plain-text topics of the older game clients (part B, --legacy_topics).
-LEGACY_REQUESTS = ("llama/user_input", "llama/driving/user_input", "llama/session")
+MAZE, STATE, HINT = "maze", "state", "hint"
+# Plain-text topics of the older game clients (part B, --legacy_topics): request topic (with a
+# "/<sessionId>" suffix) -> reply topic (same suffix); the session handshake and its answer.
+LEGACY_CHAT = {
+    "llama/user_input": "llama/assistant_response",
+    "llama/driving/user_input": "llama/driving/assistant_response",
+}
+LEGACY_SESSION, LEGACY_SESSION_REPLY = "llama/session", "llama/session/response"
+LEGACY_REQUESTS = (*LEGACY_CHAT, LEGACY_SESSION)
+QOS_LEGACY = 0  # what the old game clients use
 MAX_TOPIC_BYTES = 65535
 WILDCARDS = ("+", "#", "\0")
 
@@ -61,7 +69,8 @@ class Topics:
         for legacy in LEGACY_REQUESTS:
             for t in (legacy, self.prefix + legacy):
                 exact.add(t)
-                under.add(t + "/")
+                if legacy != LEGACY_SESSION:  # its answer lives under it: llama/session/response
+                    under.add(t + "/")
         self._reserved_exact = frozenset(exact)
         self._reserved_under = tuple(sorted(under))
 
@@ -80,9 +89,42 @@ class Topics:
     def subscriptions(self) -> list[str]:
         return [self.user_input(p) for p in self.projects]
 
+    def control(self, project: str, action: str) -> str:
+        return self.base(project) + action
+
+    def hint_root(self) -> str:
+        return f"{self.base(MAZE)}{HINT}/"
+
+    def legacy(self, name: str) -> str:
+        return self.prefix + name
+
+    def all_subscriptions(self, legacy: bool = False) -> list[tuple[str, int]]:
+        """Chat, control (exact and one "/<sessionId>" level), maze state and, with ``legacy``,
+        the old game topics, with their QoS. None is a wildcard over a reply topic."""
+        topics = [(t, 1) for t in self.subscriptions()]
+        for p in self.projects:
+            for action in CONTROL:
+                topics += [(self.control(p, action), 1), (self.control(p, action) + "/+", 1)]
+            topics += [(self.base(p) + name, 1) for name in PROJECT_REQUESTS.get(p, ())]
+        if legacy:
+            topics += [(self.legacy(t) + "/+", QOS_LEGACY) for t in LEGACY_CHAT]
+            topics.append((self.legacy(LEGACY_SESSION), QOS_LEGACY))
+        return topics
+
     def project_of(self, topic: str) -> str | None:
         """The project whose chat request topic ``topic`` is."""
         return self._project_of_request.get(topic)
+
+    def parse_control(self, topic: str) -> tuple[str, str, str | None] | None:
+        """``(project, action, session suffix or None)`` for a control topic, else None."""
+        for p in self.projects:
+            base = self.base(p)
+            if not topic.startswith(base):
+                continue
+            action, _, suffix = topic[len(base):].partition("/")
+            if action in CONTROL and "/" not in suffix:
+                return p, action, suffix or None
+        return None
 
     def is_reserved(self, topic: str) -> bool:
         """A request or control topic of any project: never published to."""
@@ -93,7 +135,10 @@ class Topics:
 
     def reply_problem(self, project: str, topic: str) -> str | None:
         """Why ``topic`` (trailing '/' already stripped) is no reply topic of ``project``."""
-        root = self.reply_root(project)
+        return self.problem_under(self.reply_root(project), topic)
+
+    def problem_under(self, root: str, topic: str) -> str | None:
+        """Why ``topic`` (trailing '/' already stripped) is no topic to answer on under ``root``."""
         if not topic.startswith(root):
             return f"it does not start with {root!r}"
         if len(topic) == len(root):
@@ -107,18 +152,18 @@ class Topics:
 
     def confine_reply(self, project: str, requested: object, session_id: str) -> str:
         """The client's ``replyTopic`` if allowed, else the default topic (with a warning)."""
-        default = self.default_reply(project, session_id)
+        return self.confine(self.reply_root(project), requested, self.default_reply(project, session_id))
+
+    def confine(self, root: str, requested: object, default: str) -> str:
+        """``requested`` if it is an allowed topic under ``root``, else ``default`` (with a warning)."""
         if requested is None:
             return default
         if not isinstance(requested, str):
             problem = "it is not a string"
         else:
             requested = requested.rstrip("/")
-            problem = self.reply_problem(project, requested)
+            problem = self.problem_under(root, requested)
         if problem is None:
             return requested  # type: ignore[return-value]
-        log.warning(
-            "replyTopic %.200r of project %s not allowed (%s); replying on %s",
-            requested, project, problem, default,
-        )
+        log.warning("replyTopic %.200r not allowed (%s); replying on %s", requested, problem, default)
         return default

@@ -1,14 +1,19 @@
 """Projects: one YAML file each in this folder; adding one needs no code change.
 
-A project file holds its system prompt, optional generation defaults and its
-share of the KV cache. ``load_project`` reads it; an unknown name gets the
-generic assistant of ``general.yaml`` and a warning.
+A project file holds its system prompt, optional generation defaults, its
+share of the KV cache and, optionally, ``output_rules``: the name of a module
+in this package (``driving_rules``) whose ``check(text)`` and/or
+``finalize(text)`` every reply of the project passes through (see
+``OutputRules``). ``load_project`` reads it; an unknown name gets the generic
+assistant of ``general.yaml`` and a warning.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,40 @@ log = logging.getLogger(__name__)
 PROJECTS_DIR = Path(__file__).resolve().parent
 GENERIC = "general"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
-_KEYS = {"name", "description", "system_prompt", "temperature", "top_p", "max_tokens", "kv_share"}
+_KEYS = {"name", "description", "system_prompt", "temperature", "top_p", "max_tokens", "kv_share",
+         "output_rules"}
+
+
+@dataclass(frozen=True)
+class OutputRules:
+    """What a project requires of its replies, from the module its YAML names.
+
+    ``check(text)`` says why a reply breaks the rules (None: it does not); the
+    agent then generates it once more. ``finalize(text)`` gives the text as sent
+    (repaired, cut to a limit); it runs on every reply, the retried one included.
+    """
+
+    module: str
+    check: Callable[[str], str | None] | None = None
+    finalize: Callable[[str], str] | None = None
+
+
+def load_rules(module: str) -> OutputRules:
+    """The rules of ``projects/<module>.py``; ValueError if there is no such module."""
+    if not _NAME_RE.match(module):
+        raise ValueError(f"output_rules {module!r} is no module name of the projects package")
+    qualified = f"{__name__}.{module}"
+    try:
+        loaded = importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name != qualified:
+            raise
+        raise ValueError(f"output_rules {module!r}: there is no projects/{module}.py") from None
+    check, finalize = getattr(loaded, "check", None), getattr(loaded, "finalize", None)
+    if not callable(check) and not callable(finalize):
+        raise ValueError(f"projects/{module}.py defines neither check(text) nor finalize(text)")
+    return OutputRules(module, check if callable(check) else None,
+                       finalize if callable(finalize) else None)
 
 
 @dataclass(frozen=True)
@@ -31,6 +69,7 @@ class ProjectSpec:
     top_p: float | None = None
     max_tokens: int | None = None
     kv_share: float = 1.0  # relative weight of this project's KV-cache share
+    output_rules: OutputRules | None = None
 
 
 def validate_project_name(name: str) -> str:
@@ -63,6 +102,13 @@ def _read_spec(path: Path, name: str) -> ProjectSpec:
     kv_share = float(data.get("kv_share", 1.0))
     if kv_share <= 0:
         raise ValueError(f"project file {path}: 'kv_share' must be > 0")
+    rules = data.get("output_rules")
+    if rules is not None and not isinstance(rules, str):
+        raise ValueError(f"project file {path}: 'output_rules' must be a module name")
+    try:
+        output_rules = load_rules(rules) if rules else None
+    except ValueError as exc:
+        raise ValueError(f"project file {path}: {exc}") from None
     return ProjectSpec(
         name=name,
         system_prompt=prompt.strip(),
@@ -71,6 +117,7 @@ def _read_spec(path: Path, name: str) -> ProjectSpec:
         top_p=data.get("top_p"),
         max_tokens=data.get("max_tokens"),
         kv_share=kv_share,
+        output_rules=output_rules,
     )
 
 

@@ -50,8 +50,8 @@ class OldClient:
         with self._cond:
             assert self._cond.wait_for(lambda: mid in self._acks, timeout), f"no SUBACK for {topic}"
 
-    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
-        self._client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+    def publish(self, topic: str, payload: bytes | str, retain: bool = False, qos: int = 1) -> None:
+        self._client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
 
     def request(
         self, project: str, session: str, message: object, subscribe: bool = True, **fields: object

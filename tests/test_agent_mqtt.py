@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +17,7 @@ from agent.app import Agent, MqttConnectError
 from agent.config import AgentConfig
 from agent.rate_limit import RATE_LIMITED
 from agent.router import SHUTTING_DOWN
-from projects import ProjectSpec
+from projects import ProjectSpec, load_project
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import MOSQUITTO_PASSWD, Broker, free_port, mosquitto_available, start_broker
 from tests.old_client import OldClient
@@ -26,6 +27,9 @@ pytestmark = [
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
 ]
 PROTOCOLS = ["3.1.1", "5"]
+# Part A is about the chat protocol, with echo replies: without the projects' output rules
+# (driving's state tags), which tests/test_game_topics.py covers.
+PLAIN_PROJECTS = {p: replace(load_project(p), output_rules=None) for p in ("maze", "driving")}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def make_agent(broker: Broker, agent_protocol: str) -> Iterator[MakeAgent]:
             "mqtt_protocol": agent_protocol, "connect_timeout": 5.0, "reconnect_max_delay": 0.5,
             **overrides,
         }
-        agent = Agent(AgentConfig(**settings), engine or FakeEngine(), projects)
+        agent = Agent(AgentConfig(**settings), engine or FakeEngine(), projects or PLAIN_PROJECTS)
         agents.append(agent)
         if start:
             agent.start()

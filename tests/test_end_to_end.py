@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -71,7 +72,10 @@ def serve(broker: Broker, threads: None) -> Iterator:
         )))
         config = AgentConfig(projects=PROJECTS, mqtt_broker=broker.host, mqtt_port=broker.port,
                              connect_timeout=5.0, **overrides)  # type: ignore[arg-type]
-        agent = Agent(config, engine)  # type: ignore[arg-type]
+        # the raw greedy reply is compared: without the projects' output rules (driving's
+        # state tags, with a sampled retry), which tests/test_game_topics.py covers
+        plain = {p: replace(load_project(p), output_rules=None) for p in PROJECTS}
+        agent = Agent(config, engine, plain)  # type: ignore[arg-type]
         agent.start()
         agents.append(agent)
         return engine

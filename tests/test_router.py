@@ -280,8 +280,8 @@ def test_stop_answers_pending(make_router: MakeRouter) -> None:
 
 def test_never_publishes_on_reserved_topics(make_router: MakeRouter) -> None:
     router, engine, replies = make_router()
-    router._publish("maze/user_input", "x")
-    router._publish("maze/assistant_response/#", "x")
+    router.publish("maze/user_input", "x")
+    router.publish("maze/assistant_response/#", "x")
     assert replies.items == []
 
 

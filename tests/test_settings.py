@@ -233,6 +233,16 @@ def test_configs_map_onto_config_classes() -> None:
     assert (agent.temperature, agent.topic_prefix, agent.max_tokens) == (0.0, "x/", 512)
 
 
+def test_legacy_topic_settings() -> None:
+    agent = parse().agent_config()
+    assert (agent.legacy_topics, agent.legacy_project, agent.legacy_driving_project) == \
+        (False, "general", "driving")
+    agent = parse("--legacy_topics", "--legacy_driving_project", "racing").agent_config()
+    assert agent.legacy_topics and agent.legacy_driving_project == "racing"
+    with pytest.raises(SettingsError, match="invalid project name"):
+        parse("--legacy_project", "a/b")
+
+
 def test_every_agent_config_field_has_a_flag() -> None:
     flags = {f.name for f in FLAGS}
     missing = [f.name for f in dataclasses.fields(AgentConfig) if f.name not in flags]

@@ -89,3 +89,31 @@ def test_confined_reply_is_always_publishable(requested: object) -> None:
     topic = topics.confine_reply("maze", requested, "s1")
     assert topic.startswith("maze/assistant_response/") and len(topic) > len("maze/assistant_response/")
     assert topics.publishable(topic)
+
+
+def test_game_and_control_subscriptions() -> None:
+    topics = Topics(PROJECTS, "site/")
+    subs = dict(topics.all_subscriptions())
+    assert subs["site/maze/state"] == 1 and subs["site/driving/template/+"] == 1
+    assert "site/maze/clear_history" in subs and "site/driving/delete_session/+" in subs
+    assert "site/driving/state" not in subs and not any(t.startswith(("llama", "site/llama")) for t in subs)
+    legacy = dict(Topics(PROJECTS).all_subscriptions(legacy=True))
+    assert legacy["llama/user_input/+"] == 0 and legacy["llama/session"] == 0
+    for topic in legacy:  # never a wildcard that could catch a reply
+        assert "#" not in topic and not topic.endswith(("assistant_response/+", "hint/+"))
+
+
+def test_parse_control(topics: Topics) -> None:
+    assert topics.parse_control("maze/template") == ("maze", "template", None)
+    assert topics.parse_control("driving/clear_history/s1") == ("driving", "clear_history", "s1")
+    assert topics.parse_control("maze/delete_session/s/deeper") is None
+    assert topics.parse_control("maze/user_input") is None
+    assert topics.parse_control("other/template") is None
+
+
+def test_legacy_replies_are_publishable(topics: Topics) -> None:
+    for topic in ("llama/session/response", "llama/assistant_response/abc",
+                  "llama/driving/assistant_response/abc", "maze/hint/s1"):
+        assert topics.publishable(topic), topic
+    assert topics.confine("maze/hint/", "maze/hint/s1/c", "maze/hint/s1") == "maze/hint/s1/c"
+    assert topics.confine("maze/hint/", "maze/state", "maze/hint/s1") == "maze/hint/s1"

@@ -1,0 +1,75 @@
+"""The older game clients' plain-text topics (PROTOCOL.md part B, only with ``--legacy_topics``).
+
+``llama/user_input/<sid>`` and ``llama/driving/user_input/<sid>``: the payload
+is the user's text, the reply plain text on ``llama/assistant_response/<sid>``
+or ``llama/driving/assistant_response/<sid>``; an empty payload resets the
+session. ``llama/session``: any message gets a new session id on
+``llama/session/response``. ``--legacy_project`` and
+``--legacy_driving_project`` name the projects (prompt, output rules,
+sessions) that serve the two chat topics.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from agent.config import AgentConfig
+from agent.protocol import ChatRequest, session_id_problem
+from agent.router import Router
+from agent.topics import LEGACY_CHAT, LEGACY_SESSION, LEGACY_SESSION_REPLY, Topics
+
+log = logging.getLogger(__name__)
+
+RESET_REPLY = "Dialog has been reset."
+
+
+def legacy_projects(config: AgentConfig) -> dict[str, str]:
+    """Request topic (unprefixed) -> the project that serves it."""
+    first, driving = LEGACY_CHAT
+    return {first: config.legacy_project, driving: config.legacy_driving_project}
+
+
+class LegacyTopics:
+    def __init__(self, config: AgentConfig, router: Router, topics: Topics) -> None:
+        self.config = config
+        self.router = router
+        # "<request topic>/" -> ("<reply topic>/", project)
+        self._chat = {
+            topics.legacy(request) + "/": (topics.legacy(LEGACY_CHAT[request]) + "/", project)
+            for request, project in legacy_projects(config).items()
+        }
+        self._session = topics.legacy(LEGACY_SESSION)
+        self._session_reply = topics.legacy(LEGACY_SESSION_REPLY)
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """True if ``topic`` is a legacy topic (then it is handled)."""
+        if topic == self._session:
+            session_id = secrets.token_hex(5)
+            log.info("legacy session handshake: new session %s", session_id)
+            self.router.publish(self._session_reply, session_id)
+            return True
+        for prefix, (reply_prefix, project) in self._chat.items():
+            if topic.startswith(prefix):
+                self._chat_turn(topic[len(prefix):], reply_prefix, project, payload)
+                return True
+        return False
+
+    def _chat_turn(self, sid: str, reply_prefix: str, project: str, payload: bytes) -> None:
+        problem = "it is empty" if not sid else session_id_problem(sid)
+        if problem:
+            log.warning("legacy message with an unusable session id in its topic: %s", problem)
+            return
+        reply_topic = reply_prefix + sid
+        if len(payload) > self.config.max_payload_bytes:
+            self.router.publish(reply_topic, f"Error: the request is too large ({len(payload)} "
+                                f"bytes; the limit is {self.config.max_payload_bytes} bytes)")
+            return
+        text = payload.decode("utf-8", "replace").strip()
+        if not text:
+            with self.router.changing_sessions(project, sid) as store:
+                store.delete((project, sid))
+            log.info("legacy session %s/%s reset", project, sid)
+            self.router.publish(reply_topic, RESET_REPLY)
+            return
+        self.router.submit(ChatRequest(project, sid, text, reply_topic))
