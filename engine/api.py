@@ -40,6 +40,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_memory_utilization: float = 0.5  # share of psutil's available memory on the CPU
     block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int | None = None  # overrides the memory plan (tests, boxes where it is wrong)
     enable_prefix_caching: bool = True
     project_shares: tuple[tuple[str, float], ...] = ()  # (project, kv_share); empty: one pool
     seed: int = 0
@@ -62,6 +63,8 @@ class EngineConfig:
             )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         for project, share in self.project_shares:
             if share <= 0:
                 raise ValueError(f"kv_share of project {project!r} must be > 0, got {share}")

@@ -122,6 +122,7 @@ def plan_kv_cache(model: torch.nn.Module, config: EngineConfig, device: torch.de
             c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, cache_dtype),
         block_size=config.block_size, max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs, project_shares=shares, weights_in_pool=weights_in_pool,
+        num_blocks_override=config.num_kv_blocks,
     )
     for line in plan.log_lines():
         log.info("%s", line)

@@ -76,11 +76,13 @@ def plan_memory(
     max_num_seqs: int,
     project_shares: dict[str, float],
     weights_in_pool: bool,
+    num_blocks_override: int | None = None,
 ) -> MemoryPlan:
     """The plan, or ``ValueError`` saying what to lower when one full sequence does not fit.
 
     ``weights_in_pool``: the pool still counts the weights (GPU total memory) and
     they are subtracted; on the CPU the pool is what is available after loading.
+    ``num_blocks_override``: take exactly this many blocks (``--num_kv_blocks``).
     """
     budget = int(pool_bytes * utilization) - activation_bytes
     if weights_in_pool:
@@ -91,6 +93,13 @@ def plan_memory(
     cap = max_num_seqs * need_blocks
     capped = blocks > cap
     blocks = min(blocks, cap)
+    if num_blocks_override is not None:  # the user's word; one full sequence must still fit
+        blocks, capped = num_blocks_override, False
+        if blocks < need_blocks:
+            raise ValueError(
+                f"num_kv_blocks {blocks} holds {blocks * block_size} tokens, fewer than one "
+                f"sequence of max_model_len {max_model_len}: raise it or lower --max_model_len"
+            )
     if blocks < need_blocks:
         flag = "--gpu_memory_utilization" if device == "cuda" else "--cpu_memory_utilization"
         raise ValueError(

@@ -59,3 +59,9 @@ def test_split_blocks_follows_shares_and_loses_nothing() -> None:
 def test_activation_estimate_grows_with_tokens() -> None:
     small = estimate_activation_bytes(16, 64, 128, 4, 16, 512, 1, 4)
     assert 0 < small < estimate_activation_bytes(4096, 64, 128, 4, 16, 512, 32, 4)
+
+
+def test_block_count_override() -> None:
+    assert plan_memory(**BASE, num_blocks_override=300).num_blocks == 300
+    with pytest.raises(ValueError, match="num_kv_blocks 10 holds 160 tokens"):
+        plan_memory(**BASE, num_blocks_override=10)
