@@ -1,13 +1,21 @@
-"""Engine throughput against transformers ``generate`` on the same checkpoint and prompts.
+"""Engine throughput and time to first token against transformers, same checkpoint, same run.
 
-    python bench/engine.py                      # tiny random qwen2 checkpoint, CPU
+    python bench/engine.py                           # tiny random qwen2 checkpoint, CPU
+    python bench/engine.py --shape small             # a larger random qwen2 (hidden 512, 4 layers)
     python bench/engine.py --model ./Qwen2.5-7B --device cuda --dtype bfloat16
 
-For 1 and 16 concurrent requests (``--concurrency``), both sides generate
-greedily from the same prompts; the table gives generated tokens per second
-and our speed-up. transformers runs the batch as one left-padded ``generate``
-call (its best case); our engine gets all requests at once through
-``LLMEngine.generate`` (one batched forward per step).
+For each concurrency (``--concurrency``, default 1,8,32,64) every side gets the
+same greedy requests (``ignore_eos``: each generates exactly ``--max_tokens``):
+
+- ours: all requests submitted at once (continuous batching, paged KV cache);
+- transformers naive: one ``generate`` call per request, one after the other, as a
+  simple server does;
+- transformers padded: one left-padded batched ``generate`` call (its best case).
+
+Tokens/s is generated tokens over wall time; TTFT is the mean over requests of the
+time from the common start to the request's first token (naive: requests wait for
+the ones before them; padded: one prefill for all). A multi-turn table then shows
+the second turn's TTFT of several sessions with prefix caching on and off.
 """
 
 from __future__ import annotations
@@ -26,16 +34,43 @@ from engine import create_engine  # noqa: E402
 from engine.api import EngineConfig, SamplingParams  # noqa: E402
 from engine.tiny_checkpoint import cached_tiny_checkpoint  # noqa: E402
 
-WORDS = ["the", "patient", "reports", "a", "mild", "headache", "after", "the", "long", "drive", "through", "the", "maze", "of", "city", "streets"]
+WORDS = [
+    "the",
+    "patient",
+    "reports",
+    "a",
+    "mild",
+    "headache",
+    "after",
+    "the",
+    "long",
+    "drive",
+    "through",
+    "the",
+    "maze",
+    "of",
+    "city",
+    "streets",
+]
+SHAPES = {
+    "tiny": {},
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    ),
+}
 
 
-def make_prompts(tokenizer, n: int, min_len: int, max_len: int) -> list[list[int]]:
+def make_prompts(tokenizer, n: int, min_len: int, max_len: int, salt: int = 0) -> list[list[int]]:
     """Prompts of varied length (``min_len``..``max_len`` tokens), deterministic."""
     prompts = []
     for i in range(n):
-        target = min_len + (i * 7919) % (max_len - min_len + 1)
+        target = min_len + ((i + salt) * 7919) % (max_len - min_len + 1)
         ids: list[int] = []
-        j = i
+        j = i + salt
         while len(ids) < target:
             ids += tokenizer.encode(" " + WORDS[j % len(WORDS)])
             j += 3
@@ -43,82 +78,199 @@ def make_prompts(tokenizer, n: int, min_len: int, max_len: int) -> list[list[int
     return prompts
 
 
-def bench_ours(engine, prompts, max_tokens: int, repeats: int) -> tuple[float, int]:
-    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    engine.generate(prompts, sampling)  # warm-up
-    times, generated = [], 0
-    for _ in range(repeats):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class HF:
+    """transformers ``generate`` on the same checkpoint, greedy, exactly ``max_tokens`` new tokens."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: torch.device, pad_id: int) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        self.device, self.pad_id = device, pad_id
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> int:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding, as generate expects
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = self.model.generate(
+            ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            pad_token_id=self.pad_id,
+        )
+        sync(self.device)
+        return (out.shape[1] - width) * len(prompts)
+
+    def padded(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+        """(seconds for the batch, TTFT: one prefill + first token for all)."""
         t0 = time.perf_counter()
-        results = engine.generate(prompts, sampling)
-        times.append(time.perf_counter() - t0)
-        generated = sum(len(r.token_ids) for r in results)
-    return statistics.median(times), generated
+        self.generate(prompts, 1)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.generate(prompts, max_tokens)
+        return time.perf_counter() - t0, ttft
 
-
-def bench_transformers(model, pad_id: int, prompts, max_tokens: int, repeats: int, device) -> tuple[float, int]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, as generate expects
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    kwargs = dict(
-        attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens, pad_token_id=pad_id,
-    )
-    with torch.inference_mode():
-        model.generate(ids, **kwargs)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+    def naive(self, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+        """(seconds for all, mean TTFT): one request after the other."""
+        first_token = []
+        for p in prompts:  # each request's own first-token time, measured alone
             t0 = time.perf_counter()
-            out = model.generate(ids, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), (out.shape[1] - width) * len(prompts)
+            self.generate([p], 1)
+            first_token.append(time.perf_counter() - t0)
+        starts, t0 = [], time.perf_counter()
+        for p in prompts:
+            starts.append(time.perf_counter() - t0)
+            self.generate([p], max_tokens)
+        total = time.perf_counter() - t0
+        return total, statistics.mean(s + f for s, f in zip(starts, first_token, strict=True))
+
+
+def ours(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(seconds for all, mean TTFT) with every request submitted at once."""
+    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, sampling)
+    total = time.perf_counter() - t0
+    assert all(len(r.token_ids) == max_tokens for r in results), "a request stopped early"
+    return total, statistics.mean(r.ttft_s for r in results)
+
+
+def median_run(fn, repeats: int) -> tuple[float, float]:
+    fn()  # warm-up
+    runs = sorted((fn() for _ in range(repeats)), key=lambda r: r[0])
+    return runs[len(runs) // 2]
+
+
+def multi_turn(config: EngineConfig, tokenizer, sessions: int, max_tokens: int) -> list[tuple]:
+    """Second-turn TTFT of ``sessions`` sessions, prefix caching on and off."""
+    system = make_prompts(tokenizer, 1, 160, 160, salt=99)[0]
+    firsts = [system + p for p in make_prompts(tokenizer, sessions, 24, 48, salt=7)]
+    rows = []
+    for caching in (True, False):
+        engine = create_engine(
+            EngineConfig(**{**config.__dict__, "enable_prefix_caching": caching})
+        )
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        turn1 = engine.generate(firsts, sampling)
+        seconds = [
+            f + r.token_ids + p
+            for f, r, p in zip(
+                firsts, turn1, make_prompts(tokenizer, sessions, 16, 32, salt=3), strict=True
+            )
+        ]
+        turn2 = engine.generate(seconds, sampling)
+        rows.append(
+            (
+                caching,
+                statistics.mean(len(s) for s in seconds),
+                statistics.mean(r.cached_prompt_tokens for r in turn2),
+                statistics.mean(r.ttft_s for r in turn1) * 1e3,
+                statistics.mean(r.ttft_s for r in turn2) * 1e3,
+            )
+        )
+        engine.shutdown()
+    return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder (default: the tiny random qwen2 checkpoint)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint folder (default: a random qwen2 of --shape)")
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--prompt_len", default="16,96", help="min,max prompt tokens")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
+    parser.add_argument(
+        "--skip_naive", action="store_true", help="leave out transformers one-at-a-time"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
-    path = Path(args.model) if args.model else cached_tiny_checkpoint("qwen2")
-    engine = create_engine(EngineConfig(model_path=str(path), device=args.device, dtype=args.dtype))
-    device = torch.device(args.device)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype)).to(device).eval()
-    pad_id = engine.tokenizer.hf.pad_token_id
-    pad_id = engine.tokenizer.hf.eos_token_id if pad_id is None else pad_id
+    path = Path(args.model) if args.model else cached_tiny_checkpoint("qwen2", **SHAPES[args.shape])
+    levels = [int(c) for c in args.concurrency.split(",")]
+    config = EngineConfig(
+        model_path=str(path), device=args.device, dtype=args.dtype, max_num_seqs=max(levels)
+    )
+    engine = create_engine(config)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    pad = engine.tokenizer.hf.pad_token_id
+    hf = HF(path, dtype, device, engine.tokenizer.hf.eos_token_id if pad is None else pad)
     lo, hi = (int(x) for x in args.prompt_len.split(","))
 
     rows = []
-    for n in (int(c) for c in args.concurrency.split(",")):
+    for n in levels:
         prompts = make_prompts(engine.tokenizer, n, lo, hi)
-        ours_s, ours_tok = bench_ours(engine, prompts, args.max_tokens, args.repeats)
-        hf_s, hf_tok = bench_transformers(hf, pad_id, prompts, args.max_tokens, args.repeats, device)
-        rows.append((n, ours_tok / ours_s, hf_tok / hf_s, ours_s, hf_s))
+        tokens = n * args.max_tokens
+        our = median_run(lambda p=prompts: ours(engine, p, args.max_tokens), args.repeats)
+        pad_run = median_run(lambda p=prompts: hf.padded(p, args.max_tokens), args.repeats)
+        naive = (
+            (float("nan"), float("nan")) if args.skip_naive else hf.naive(prompts, args.max_tokens)
+        )
+        rows.append(
+            (
+                n,
+                tokens / our[0],
+                tokens / naive[0],
+                tokens / pad_run[0],
+                our[1] * 1e3,
+                naive[1] * 1e3,
+                pad_run[1] * 1e3,
+            )
+        )
     engine.shutdown()
 
-    print(f"\nmodel: {path}  device: {args.device}  dtype: {args.dtype}  torch threads: {torch.get_num_threads()}")
-    print(f"greedy, {args.max_tokens} new tokens per request, prompts {lo}-{hi} tokens, median of {args.repeats}\n")
-    print("| concurrent | ours tok/s | transformers tok/s | speed-up | ours s | transformers s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for n, ours, theirs, ours_s, hf_s in rows:
-        print(f"| {n} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {ours_s:.3f} | {hf_s:.3f} |")
+    print(
+        f"\nmodel: {path.name} ({args.shape if not args.model else 'given'})  device: {args.device}  "
+        f"dtype: {args.dtype}  torch threads: {torch.get_num_threads()}"
+    )
+    print(
+        f"greedy, {args.max_tokens} new tokens per request, prompts {lo}-{hi} tokens, "
+        f"median of {args.repeats}\n"
+    )
+    print(
+        "| concurrent | ours tok/s | HF naive tok/s | HF padded tok/s | vs naive | vs padded "
+        "| ours TTFT ms | HF naive TTFT ms | HF padded TTFT ms |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, o, nv, pd, t_o, t_nv, t_pd in rows:
+        print(
+            f"| {n} | {o:.0f} | {nv:.0f} | {pd:.0f} | {o / nv:.2f}x | {o / pd:.2f}x "
+            f"| {t_o:.1f} | {t_nv:.1f} | {t_pd:.1f} |"
+        )
+
+    sessions = min(8, max(levels))
+    print(
+        f"\nmulti-turn: {sessions} sessions, a shared 160-token system prompt, "
+        f"{args.max_tokens} tokens per answer; TTFT of the second turn\n"
+    )
+    print(
+        "| prefix caching | turn-2 prompt tokens | cached tokens | turn-1 TTFT ms | turn-2 TTFT ms |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for caching, prompt_len, cached, t1, t2 in multi_turn(
+        config, engine.tokenizer, sessions, args.max_tokens
+    ):
+        print(
+            f"| {'on' if caching else 'off'} | {prompt_len:.0f} | {cached:.0f} | {t1:.1f} | {t2:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -91,50 +91,92 @@ def paged_attention_ref(
     ``query_len`` tokens) and ``seq_lens[b]`` tokens in the cache, this step's included. Its
     query ``i`` sits at position ``seq_len - query_len + i`` and sees keys at positions up to
     its own (and, with a window ``w``, fewer than ``w`` positions back). GQA: ``Hq % Hkv == 0``.
+
+    On the CPU the cost is mostly per call, so sequences are batched: all one-token queries
+    (decodes) in one padded call, and the longer ones (prefill chunks) in another when
+    padding them to the longest wastes at most half the work, else one call each.
     """
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     assert q.dim() == 3 and num_heads % num_kv_heads == 0 and k_cache.shape == v_cache.shape
-    block_size = k_cache.shape[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    if all(b - a == 1 for a, b in zip(starts, starts[1:], strict=False)):
-        return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                             sliding_window, k_scale, v_scale, max(lens, default=0))
-    gqa = num_heads != num_kv_heads
+    q_lens = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    args = (k_cache, v_cache, scale, sliding_window, k_scale, v_scale)
+    if all(n == 1 for n in q_lens):
+        return _decode_batch(q, block_tables, seq_lens, max(lens, default=0), *args)
     out = torch.empty_like(q)
-    for b, seq_len in enumerate(lens):
-        start, end = starts[b], starts[b + 1]
-        if end == start:
-            continue
-        n_blocks = -(-seq_len // block_size)
-        blocks = block_tables[b, :n_blocks].long()
-        keys = dequantize(_gather(k_cache, blocks)[:seq_len], k_scale, q.dtype)  # [L, Hkv, D]
-        values = dequantize(_gather(v_cache, blocks)[:seq_len], v_scale, q.dtype)
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]
-        mask = _mask(q_pos, torch.arange(seq_len, device=q.device)[None, :], sliding_window)
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1),  # [Hq, n, D]
-            keys.transpose(0, 1),  # [Hkv, L, D]
-            values.transpose(0, 1),
-            attn_mask=mask,  # [n, L]
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        out[start:end] = o.transpose(0, 1)
+    decodes = [b for b, n in enumerate(q_lens) if n == 1]
+    if decodes:
+        rows = torch.tensor([starts[b] for b in decodes], device=q.device)
+        picked = torch.tensor(decodes, device=q.device)
+        out[rows] = _decode_batch(q[rows], block_tables[picked], seq_lens[picked],
+                                  max(lens[b] for b in decodes), *args)
+    prefills = [b for b, n in enumerate(q_lens) if n > 1]
+    padded = len(prefills) * max((q_lens[b] for b in prefills), default=0) * max(
+        (lens[b] for b in prefills), default=0)
+    if len(prefills) > 1 and padded <= 2 * sum(q_lens[b] * lens[b] for b in prefills):
+        _prefill_batch(q, out, prefills, starts, q_lens, lens, block_tables, *args)
+    else:
+        for b in prefills:
+            _prefill_batch(q, out, [b], starts, q_lens, lens, block_tables, *args)
     return out
 
 
-def _decode_batch(
+def _prefill_batch(
     q: torch.Tensor,
+    out: torch.Tensor,
+    seqs: list[int],
+    starts: list[int],
+    q_lens: list[int],
+    lens: list[int],
+    block_tables: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None,
     k_scale: float,
     v_scale: float,
+) -> None:
+    """Sequences ``seqs`` in one call, queries and keys right-padded to the longest; writes
+    their rows of ``out``."""
+    device = q.device
+    max_q, max_len = max(q_lens[b] for b in seqs), max(lens[b] for b in seqs)
+    qn = torch.tensor([q_lens[b] for b in seqs], device=device)[:, None]  # [B, 1]
+    sl = torch.tensor([lens[b] for b in seqs], device=device)[:, None]  # [B, 1]
+    i = torch.arange(max_q, device=device)[None, :]  # [1, max_q]
+    valid = i < qn  # [B, max_q]
+    first = torch.tensor([starts[b] for b in seqs], device=device)[:, None]
+    rows = (first + i).clamp(max=q.shape[0] - 1)  # [B, max_q]; padding rows are dropped below
+    n_blocks = -(-max_len // k_cache.shape[1])
+    blocks = block_tables[torch.tensor(seqs, device=device), :n_blocks].long().clamp(min=0)
+    keys = dequantize(_gather(k_cache, blocks)[:, :max_len], k_scale, q.dtype)  # [B, L, Hkv, D]
+    values = dequantize(_gather(v_cache, blocks)[:, :max_len], v_scale, q.dtype)
+    q_pos = (sl - qn + i)[:, :, None]  # [B, max_q, 1]
+    k_pos = torch.arange(max_len, device=device)[None, None, :]  # [1, 1, L]
+    mask = _mask(q_pos, k_pos, sliding_window) & (k_pos < sl[:, :, None])
+    mask |= ~valid[:, :, None] & (k_pos == 0)  # padding rows see one key: no all-masked NaN
+    o = F.scaled_dot_product_attention(
+        q[rows].transpose(1, 2),  # [B, Hq, max_q, D]
+        keys.transpose(1, 2),  # [B, Hkv, L, D]
+        values.transpose(1, 2),
+        attn_mask=mask[:, None],  # [B, 1, max_q, L]
+        scale=scale,
+        enable_gqa=q.shape[1] != k_cache.shape[2],
+    ).transpose(1, 2)  # [B, max_q, Hq, D]
+    out[rows[valid]] = o[valid]
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
     max_seq_len: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    k_scale: float,
+    v_scale: float,
 ) -> torch.Tensor:
     """One query per sequence (``q [B, Hq, D]``): one padded SDPA call for the whole batch."""
     if q.shape[0] == 0:

@@ -38,6 +38,9 @@ REFERENCE_CASES = [
     Case((7, 20), (40, 20), num_heads=4, num_kv_heads=1, head_dim=128, window=8),
     Case((7, 1, 20), (40, 9, 33), num_heads=8, num_kv_heads=2, cache="fp8_e4m3"),
     Case((3, 1), (50, 9), num_heads=4, num_kv_heads=2, window=5, cache="fp8_e5m2"),
+    # several prefill chunks padded into one call (fresh and over cached context), with decodes
+    Case((6, 5, 1, 8), (30, 5, 12, 20), num_heads=8, num_kv_heads=2, window=7),
+    Case((4, 4, 4, 1), (4, 20, 12, 3)),
 ]
 
 
