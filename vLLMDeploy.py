@@ -106,14 +106,18 @@ def start(settings: Settings) -> None:
         revision=settings.model_revision,
         auto_download=settings.auto_download,
     )
-    projects = load_projects(settings.projects)
-    engine_config = settings.engine_config(str(model_path))
+    from agent.app import Agent, served_projects
+
+    agent_config = settings.agent_config()
+    projects = load_projects(served_projects(agent_config))
+    # each project's KV share (its YAML's kv_share) sizes its token budget from the start
+    engine_config = settings.engine_config(
+        str(model_path), project_shares={name: p.kv_share for name, p in projects.items()}
+    )
     log.info("loading %s on device %s for projects %s", model_path, settings.device,
              ", ".join(projects))
     engine = create_engine(engine_config)
-    from agent.app import Agent
-
-    agent = Agent(settings.agent_config(), engine, projects)
+    agent = Agent(agent_config, engine, projects)
     agent.run_forever()
 
 

@@ -20,7 +20,15 @@ from projects import ProjectSpec, load_project
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Agent", "MqttConnectError"]
+__all__ = ["Agent", "MqttConnectError", "served_projects"]
+
+
+def served_projects(config: AgentConfig) -> list[str]:
+    """Every project the agent answers for: ``--projects``, then the legacy topics' ones."""
+    names = list(config.projects)
+    if config.legacy_topics:
+        names += [p for p in legacy_projects(config).values() if p not in names]
+    return names
 
 
 class Agent:
@@ -40,10 +48,8 @@ class Agent:
         self.config = config
         self.engine = engine
         given = projects or {}
-        names = list(config.projects)
-        if config.legacy_topics:
-            names += [p for p in legacy_projects(config).values() if p not in names]
-        self.projects = {name: given.get(name) or load_project(name) for name in names}
+        self.projects = {name: given.get(name) or load_project(name)
+                         for name in served_projects(config)}
         self.topics = Topics(config.projects, config.topic_prefix)
         subscriptions = self.topics.all_subscriptions(legacy=config.legacy_topics)
         self.mqtt = MqttClient(config, subscriptions, self._on_message)

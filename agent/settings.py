@@ -119,11 +119,16 @@ class Settings:
 
         return AgentConfig(**_kwargs_for(AgentConfig, "agent", self.values))
 
-    def engine_config(self, model_path: str | None = None) -> EngineConfig:
+    def engine_config(
+        self, model_path: str | None = None, project_shares: Mapping[str, float] | None = None
+    ) -> EngineConfig:
+        """``project_shares``: each served project's ``kv_share`` (from its YAML); unset:
+        one pool, shared equally by the projects as they appear."""
         from engine.api import EngineConfig
 
         kwargs = _kwargs_for(EngineConfig, "engine", self.values)
         kwargs["model_path"] = str(model_path if model_path is not None else self.model)
+        kwargs["project_shares"] = tuple((project_shares or {}).items())
         return EngineConfig(**kwargs)
 
 
@@ -149,10 +154,6 @@ def _reject_not_yet_supported(values: dict[str, Any]) -> None:
         raise SettingsError(f"--quantization {method}: quantized weights are not supported yet "
                             "(they arrive in a later issue); use --quantization none")
     values["quantization"] = None  # none / auto: the checkpoint's own (unquantized) dtype
-    if values["kv_cache_dtype"].lower() != "auto":
-        raise SettingsError(f"--kv_cache_dtype {values['kv_cache_dtype']}: only auto (the "
-                            "model's dtype) is supported yet; an FP8 KV cache comes later")
-    values["kv_cache_dtype"] = "auto"
 
 
 def _read_password_file(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:
@@ -210,6 +211,7 @@ def parse_settings(argv: Sequence[str] | None = None,
     settings = Settings(MappingProxyType(values), MappingProxyType(sources), tuple(notes))
     try:
         settings.agent_config()
+        settings.engine_config()  # values the table's bounds let through (--block_size 12)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     return settings

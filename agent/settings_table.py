@@ -101,7 +101,22 @@ FLAGS: tuple[Flag, ...] = (
     _f("gpu_memory_utilization", "float", 0.9, "engine", D,
        "fraction of the GPU's memory this process may use (weights + KV cache)", minimum=0.01,
        maximum=1),
-    _f("kv_cache_dtype", "str", "auto", "engine", D, "KV cache dtype; auto: the model's dtype"),
+    _f("cpu_memory_utilization", "float", 0.5, "engine", D,
+       "fraction of the memory psutil reports available after loading that the KV cache may "
+       "use on the CPU", minimum=0.01, maximum=1),
+    _f("kv_cache_dtype", "str", "auto", "engine", D,
+       "KV cache dtype; auto: the model's dtype; fp8 (= fp8_e4m3) or fp8_e5m2 halve the "
+       "cache's bytes per token, so twice the tokens fit",
+       choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2")),
+    _f("block_size", "int", 16, "engine", D, "tokens per KV-cache block (8, 16, 32, 64 or 128)",
+       minimum=8, maximum=128),
+    _f("num_kv_blocks", "int", None, "engine", D,
+       "KV-cache blocks to allocate, overriding the memory plan (it must still hold one "
+       "sequence of --max_model_len); unset: as many as the memory budget allows",
+       optional=True, minimum=1),
+    _f("enable_prefix_caching", "bool", True, "engine", D,
+       "reuse the KV of a cached prompt prefix (a session's earlier turns, a shared system "
+       "prompt) instead of recomputing it"),
     _f("max_num_seqs", "int", 32, "engine", D, "sequences in one batch", minimum=1),
     _f("max_num_batched_tokens", "int", 4096, "engine", D,
        "tokens in one forward pass (long prompts are prefilled in chunks)", minimum=16),

@@ -163,7 +163,13 @@ def test_missing_config_file(tmp_path: Path) -> None:
     (["--tensor_parallel_size", "2"], "this engine runs a model on one GPU; use --tensor_parallel_size 1"),
     (["--quantization", "awq"], "--quantization awq: quantized weights .* later issue"),
     (["--quantization", "gptq"], "--quantization gptq: quantized weights"),
-    (["--kv_cache_dtype", "fp8"], "--kv_cache_dtype fp8: only auto"),
+    (["--kv_cache_dtype", "int4"], "--kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2"),
+    (["--block_size", "12"], "block_size must be 8, 16, 32, 64 or 128, got 12"),
+    (["--block_size", "4"], "--block_size must be >= 8"),
+    (["--num_kv_blocks", "0"], "--num_kv_blocks must be >= 1"),
+    (["--cpu_memory_utilization", "0"], "--cpu_memory_utilization must be >= 0.01"),
+    (["--cpu_memory_utilization", "1.5"], "--cpu_memory_utilization must be <= 1"),
+    (["--enable_prefix_caching", "sometimes"], "--enable_prefix_caching must be true or false"),
     (["--mqtt_port", "x"], "--mqtt_port must be an integer, got 'x' \\(from the command line\\)"),
     (["--max_tok", "5"], "unrecognized arguments"),  # no abbreviations
     (["--bogus"], "unrecognized arguments: --bogus"),
@@ -231,6 +237,93 @@ def test_configs_map_onto_config_classes() -> None:
     assert (engine.model_path, engine.max_num_seqs, engine.seed) == ("/models/m", 4, 7)
     agent = s.agent_config()
     assert (agent.temperature, agent.topic_prefix, agent.max_tokens) == (0.0, "x/", 512)
+
+
+def test_kv_cache_settings_defaults() -> None:
+    engine = parse().engine_config("/m")
+    assert (engine.kv_cache_dtype, engine.cpu_memory_utilization, engine.block_size) == \
+        ("auto", 0.5, 16)
+    assert engine.num_kv_blocks is None and engine.enable_prefix_caching is True
+    assert engine.project_shares == ()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("auto", "auto"), ("fp8", "fp8"), ("FP8", "fp8"), ("fp8_e4m3", "fp8_e4m3"),
+    ("fp8_e5m2", "fp8_e5m2"),
+])
+def test_kv_cache_dtype_values(value: str, expected: str) -> None:
+    assert parse("--kv_cache_dtype", value).engine_config("/m").kv_cache_dtype == expected
+    env = {"VLLM_DEPLOY_KV_CACHE_DTYPE": value}
+    assert parse(env=env).engine_config("/m").kv_cache_dtype == expected
+
+
+def test_kv_cache_flags_reach_the_engine_config(tmp_path: Path) -> None:
+    engine = parse("--cpu_memory_utilization", "0.25", "--block-size", "32", "--num_kv_blocks",
+                   "64", "--no-enable_prefix_caching").engine_config("/m")
+    assert (engine.cpu_memory_utilization, engine.block_size, engine.num_kv_blocks,
+            engine.enable_prefix_caching) == (0.25, 32, 64, False)
+    config = tmp_path / "c.yaml"
+    config.write_text("block_size: 8\nnum_kv_blocks: null\nenable_prefix_caching: off\n"
+                      "kv_cache_dtype: fp8_e5m2\n")
+    engine = parse("--config", str(config)).engine_config("/m")
+    assert (engine.block_size, engine.num_kv_blocks, engine.enable_prefix_caching,
+            engine.kv_cache_dtype) == (8, None, False, "fp8_e5m2")
+    assert parse("--num_kv_blocks", "none").num_kv_blocks is None
+    env = {"VLLM_DEPLOY_ENABLE_PREFIX_CACHING": "0", "VLLM_DEPLOY_NUM_KV_BLOCKS": "12"}
+    engine = parse(env=env).engine_config("/m")
+    assert (engine.enable_prefix_caching, engine.num_kv_blocks) == (False, 12)
+    assert parse("--enable-prefix-caching", env=env).enable_prefix_caching is True
+
+
+@pytest.mark.parametrize("argv", [["--no-enable_prefix_caching"], ["--no-enable-prefix-caching"],
+                                  ["--noenable_prefix_caching"], ["--enable_prefix_caching", "false"]])
+def test_prefix_caching_off_forms(argv: list[str]) -> None:
+    assert parse(*argv).engine_config("/m").enable_prefix_caching is False
+
+
+def test_engine_config_takes_the_project_shares() -> None:
+    engine = parse("--projects", "maze", "driving").engine_config(
+        "/m", project_shares={"maze": 3.0, "driving": 1.0})
+    assert engine.project_shares == (("maze", 3.0), ("driving", 1.0))
+
+
+def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    import agent.app
+    import engine
+    import engine.model_source
+    import projects
+    import vLLMDeploy
+    from projects import ProjectSpec
+
+    specs = {"maze": ProjectSpec("maze", "p", kv_share=3.0),
+             "driving": ProjectSpec("driving", "p", kv_share=1.0),
+             "general": ProjectSpec("general", "p")}
+    seen: dict[str, object] = {}
+
+    class FakeAgent:
+        def __init__(self, config: AgentConfig, engine: object, projects: dict) -> None:
+            seen["agent_projects"] = dict(projects)
+
+        def run_forever(self) -> None:
+            seen["ran"] = True
+
+    def fake_create_engine(config: object) -> object:
+        seen["engine_config"] = config
+        return object()
+
+    monkeypatch.setattr(projects, "load_project", lambda name: specs[name])
+    monkeypatch.setattr(engine.model_source, "resolve_model", lambda *a, **kw: tmp_path)
+    monkeypatch.setattr(engine, "create_engine", fake_create_engine)
+    monkeypatch.setattr(agent.app, "Agent", FakeAgent)
+    settings = parse("--projects", "maze", "driving", "--device", "cpu", "--legacy_topics",
+                     "--kv_cache_dtype", "fp8")
+    vLLMDeploy.start(settings)
+    config = seen["engine_config"]
+    # the legacy topics' projects (general, driving) are served too: they get their shares
+    assert dict(config.project_shares) == {"maze": 3.0, "driving": 1.0, "general": 1.0}
+    assert config.kv_cache_dtype == "fp8" and config.model_path == str(tmp_path)
+    assert set(seen["agent_projects"]) == {"maze", "driving", "general"} and seen["ran"]
 
 
 def test_legacy_topic_settings() -> None:
