@@ -1,7 +1,8 @@
 """The demo behind ./run_demo.sh: the real agent on a tiny model, one request per project.
 
 It uses the system Mosquitto when one answers on localhost:1883 (else it starts
-one on a free port), builds the tiny random model once into the cache, runs
+one on a free port), builds the tiny demo model once into the cache (a minute's
+training on built-in example dialogues, see ``engine/demo_model.py``), runs
 ``vLLMDeploy.py`` as a subprocess on the CPU under a topic prefix of its own (so
 it never collides with a real deployment on the same broker), sends one prompt
 per shipped project, prints the replies and round-trip times, and stops the agent.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
 import queue
 import shutil
@@ -29,15 +31,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from projects import available_projects
+from projects.demo_corpus import DEMO_PROMPTS, dialogues
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = {
-    "maze": "I am at the entrance and the exit is to the east. Which way now?",
-    "driving": "Why does my car slow down when I let go of the pedal?",
-    "bloodcell": "What do red blood cells carry around the body?",
-    "racing": "Why does a heavier car speed up more slowly?",
-    "general": "Say hello in one short sentence.",
-}
+DEFAULT_PROMPT = "Hello!"  # for a project without a prompt in DEMO_PROMPTS
 
 
 def broker_answers(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -103,7 +100,7 @@ class DemoClient:
 
     def __init__(self, host: str, port: int, prefix: str) -> None:
         self.prefix, self.client_id = prefix, f"demo-client-{uuid.uuid4().hex[:8]}"
-        self.sampling: dict[str, float] = {}
+        self.sampling: dict[str, float] = {}  # overrides sent with each request
         self.replies: queue.Queue[tuple[str, str]] = queue.Queue()
         self.mqtt = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
         self.mqtt.on_message = lambda c, u, msg: self.replies.put(
@@ -153,8 +150,11 @@ def wait_until_serving(client: DemoClient, agent: subprocess.Popen, project: str
 
 def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="run_demo.sh", description=__doc__.splitlines()[0])
-    cli.add_argument("--model", help="a model folder instead of the tiny random one")
-    cli.add_argument("--max-tokens", type=int, default=24, help="reply length (default 24)")
+    which = cli.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model folder instead of the tiny demo model")
+    which.add_argument("--random-model", action="store_true",
+                       help="the tiny model with random weights (gibberish) instead")
+    cli.add_argument("--max-tokens", type=int, default=64, help="longest reply (default 64)")
     cli.add_argument("--timeout", type=float, default=180, help="seconds for start-up")
     cli.add_argument("--private-broker", action="store_true",
                      help="start a Mosquitto of its own even when localhost:1883 answers")
@@ -168,13 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             host, port = "127.0.0.1", start_mosquitto(stack, workdir)
             print(f"broker: a private Mosquitto on 127.0.0.1:{port} (stopped at the end)")
-        if args.model:
-            model = args.model
-        else:
-            print("model: building/reusing the tiny random Qwen2 checkpoint ...", flush=True)
-            from engine.tiny_checkpoint import cached_tiny_checkpoint
-
-            model = str(cached_tiny_checkpoint("qwen2"))
+        model = pick_model(args)
         print(f"model: {model}")
         tag = uuid.uuid4().hex[:8]
         prefix = f"vllm-deploy-demo-{tag}/"  # never collides with a real deployment
@@ -193,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "VLLM_DEPLOY_CACHE", str(ROOT / ".cache"))})
         stack.callback(stop_process, agent, "the agent", 20.0)
         client = DemoClient(host, port, prefix)
-        if not args.model:  # the random model says little but newlines when it is not hot
+        if args.random_model:  # random weights say little but newlines when not sampled hot
             client.sampling = {"temperature": 2.0, "topP": 1.0}
         stack.callback(client.close)
         started = time.monotonic()
@@ -201,32 +195,60 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent: serving after {time.monotonic() - started:.1f} s\n")
         rows = []
         for project in projects:
-            prompt = PROMPTS.get(project, "Hello! Who are you?")
+            prompt = DEMO_PROMPTS.get(project, DEFAULT_PROMPT)
             reply, seconds = client.ask(project, prompt, timeout=60)
-            rows.append((project, f"{seconds * 1000:.0f} ms" if reply is not None else "timeout",
-                         reply))
+            rows.append((project, prompt,
+                         f"{seconds * 1000:.0f} ms" if reply is not None else "timeout", reply))
         print_table(rows)
-        if not args.model:
-            print("\nThe model is a tiny one with random weights: its replies are gibberish by "
-                  "design.\nThey show the whole path: broker -> agent -> engine -> agent -> broker. "
-                  "For real text\nrun ./run_demo.sh --model /path/to/model-folder, or see README.md.")
+        if args.random_model:
+            print("\nThe model is a tiny one with random weights, sampled at temperature 2: its "
+                  "replies are\ngibberish (or empty) by design. They show the whole path: "
+                  "broker -> agent -> engine -> agent -> broker.")
+        elif not args.model:
+            print("\nThe model is a tiny one trained for a minute on a built-in corpus of example "
+                  "dialogues\n(projects/demo_corpus.py): it parrots them, it is not a real LLM. "
+                  "What the demo shows is\nthe whole path, broker -> agent -> engine -> agent -> "
+                  "broker, with each project's\nsystem prompt and sampling. For a real model: "
+                  "./run_demo.sh --model /path/to/model-folder")
         print("\nagent: stopping (SIGTERM)", flush=True)
         stop_process(agent, "the agent", 20.0)
         print(f"agent: stopped, exit code {agent.returncode}")
-    failed = [project for project, _, reply in rows if reply is None]
+    failed = [project for project, _, _, reply in rows if reply is None]
     if failed:
         print(f"error: no reply for {', '.join(failed)} (agent log was printed above)")
         return 1
     return 0
 
 
-def print_table(rows: list[tuple[str, str, str | None]]) -> None:
+def pick_model(args: argparse.Namespace) -> str:
+    """The model folder: ``--model``, else the tiny random or (default) the tiny demo model."""
+    if args.model:
+        return args.model
+    if args.random_model:
+        print("model: building/reusing the tiny random Qwen2 checkpoint ...", flush=True)
+        from engine.tiny_checkpoint import cached_tiny_checkpoint
+
+        return str(cached_tiny_checkpoint("qwen2"))
+    print("model: building once (about a minute) or reusing the tiny demo model ...", flush=True)
+    from engine.demo_model import cached_demo_checkpoint, log
+
+    progress = logging.StreamHandler(sys.stdout)  # training progress, when it trains
+    progress.setFormatter(logging.Formatter("  %(message)s"))
+    log.addHandler(progress)
+    log.setLevel(logging.INFO)
+    started = time.monotonic()
+    path = str(cached_demo_checkpoint(dialogues()))
+    print(f"model: ready after {time.monotonic() - started:.1f} s")
+    return path
+
+
+def print_table(rows: list[tuple[str, str, str, str | None]], limit: int = 100) -> None:
+    """Per project: the prompt sent, then the reply (cut at ``limit``) and its round trip."""
     width = max(len(r[0]) for r in rows)
-    print(f"{'project':<{width}}  {'round trip':>10}  reply")
-    print(f"{'-' * width}  {'-' * 10}  {'-' * 50}")
-    for project, rtt, reply in rows:
+    for project, prompt, rtt, reply in rows:
         text = "(no reply)" if reply is None else " ".join(reply.split())
-        print(f"{project:<{width}}  {rtt:>10}  {text[:70] + ('...' if len(text) > 70 else '')}")
+        print(f"{project:<{width}}  > {prompt}")
+        print(f"{'':<{width}}  < {text[:limit] + ('...' if len(text) > limit else '')}  ({rtt})")
 
 
 if __name__ == "__main__":
