@@ -12,16 +12,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from engine.tiny_checkpoint import CHAT_TEMPLATE, SPECIAL_TOKENS, _default_cache_root
+from engine.tiny_checkpoint import CHAT_TEMPLATE, SPECIAL_TOKENS, _default_cache_root, build_once
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -217,18 +214,4 @@ def cached_demo_checkpoint(dialogues: list[Dialogue], cache_root: Path | str | N
     """
     root = Path(cache_root) if cache_root is not None else _default_cache_root()
     final = root / f"demo-qwen2-{_cache_key(dialogues)}"
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
-    try:
-        build_demo_checkpoint(tmp, dialogues)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another caller finished first
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(final, lambda tmp: build_demo_checkpoint(tmp, dialogues))

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,12 +233,18 @@ def cached_tiny_checkpoint(
         default=str,
     )
     final = root / f"{architecture}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return build_once(final, lambda tmp: build_tiny_checkpoint(tmp, architecture, **kw))
+
+
+def build_once(final: Path, build: Callable[[Path], object]) -> Path:
+    """``final`` if it holds a checkpoint, else ``build`` it in a temporary folder renamed
+    into place, so parallel callers never see a half-written checkpoint."""
     if (final / "config.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny_checkpoint(tmp, architecture, **kw)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another caller finished first
