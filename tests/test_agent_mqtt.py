@@ -32,13 +32,6 @@ PROTOCOLS = ["3.1.1", "5"]
 PLAIN_PROJECTS = {p: replace(load_project(p), output_rules=None) for p in ("maze", "driving")}
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    broker = start_broker()
-    yield broker
-    broker.stop()
-
-
 @pytest.fixture(params=PROTOCOLS, ids=lambda p: f"agent-mqtt{p}")
 def agent_protocol(request: pytest.FixtureRequest) -> str:
     return request.param

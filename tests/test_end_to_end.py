@@ -18,7 +18,7 @@ from engine.llm_engine import LLMEngine
 from engine.tokenizer import Tokenizer
 from projects import load_project
 from tests.checkpoints import tiny_checkpoint
-from tests.mqtt_broker import Broker, mosquitto_available, start_broker
+from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
 
 pytestmark = [
@@ -45,13 +45,6 @@ class RecordingEngine:
 
     def __getattr__(self, name: str):  # start, cancel, stats, token_budget, shutdown
         return getattr(self._engine, name)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    broker = start_broker()
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +76,6 @@ def serve(broker: Broker, threads: None) -> Iterator:
     yield start
     for agent in agents:
         agent.stop()
-
-
-@pytest.fixture
-def client(broker: Broker) -> Iterator[OldClient]:
-    client = OldClient(broker)
-    yield client
-    client.close()
 
 
 def expected_reply(engine: RecordingEngine, project: str, message: str, max_tokens: int) -> str:

@@ -16,7 +16,7 @@ from agent.config import AgentConfig
 from agent.legacy import RESET_REPLY
 from tests.fake_engine import FakeEngine
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
-from tests.mqtt_broker import Broker, mosquitto_available, start_broker
+from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
 
 pytestmark = [
@@ -24,13 +24,6 @@ pytestmark = [
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
 ]
 NOT_JSON = "You can do it, follow the glowing path to the exit!"
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    broker = start_broker()
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture
@@ -48,13 +41,6 @@ def make_agent(broker: Broker) -> Iterator[Callable[..., Agent]]:
     yield make
     for agent in agents:
         agent.stop()
-
-
-@pytest.fixture
-def client(broker: Broker) -> Iterator[OldClient]:
-    client = OldClient(broker)
-    yield client
-    client.close()
 
 
 class MazeGame:

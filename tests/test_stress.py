@@ -29,7 +29,7 @@ from engine.api import EngineConfig, GenerationRequest
 from engine.llm_engine import LLMEngine
 from projects import load_project
 from tests.checkpoints import tiny_checkpoint
-from tests.mqtt_broker import Broker, mosquitto_available, start_broker
+from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
 
 pytestmark = [
@@ -170,13 +170,6 @@ class ChatClient(threading.Thread):
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    broker = start_broker()
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture
