@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 
-from engine.layers.attention import Attention
+from engine.layers.attention import CALIBRATION_HEADROOM, Attention, LayerKVCache
 from kernels.paged_attention_ref import is_fp8
 
 log = logging.getLogger(__name__)
@@ -34,37 +33,12 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
-# Calibrated scales leave this factor of range above the first batch's largest value.
-CALIBRATION_HEADROOM = 2.0
-
-
 def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     """The storage dtype for a ``kv_cache_dtype`` option."""
     if name not in KV_CACHE_DTYPES:
         choices = ", ".join(repr(k) for k in KV_CACHE_DTYPES)
         raise ValueError(f"unknown kv_cache_dtype {name!r}: expected one of {choices}")
     return KV_CACHE_DTYPES[name] or model_dtype
-
-
-@dataclass
-class LayerKVCache:
-    """One layer's share: what an ``Attention`` module reads and writes."""
-
-    k: torch.Tensor  # [num_blocks, block_size, Hkv, D]
-    v: torch.Tensor  # [num_blocks, block_size, Hkv, D]
-    k_scale: float = 1.0  # fp8 only: stored value = x / scale
-    v_scale: float = 1.0
-    needs_calibration: bool = False  # fp8 without checkpoint scales, not yet calibrated
-
-    def calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Set the scales from this batch's ``k, v [T, Hkv, D]`` (skipped while all zeros)."""
-        k_amax, v_amax = (float(x.detach().abs().amax().float()) if x.numel() else 0.0 for x in (k, v))
-        if not (k_amax > 0 and v_amax > 0 and math.isfinite(k_amax + v_amax)):
-            return
-        fmax = torch.finfo(self.k.dtype).max
-        self.k_scale = CALIBRATION_HEADROOM * k_amax / fmax
-        self.v_scale = CALIBRATION_HEADROOM * v_amax / fmax
-        self.needs_calibration = False
 
 
 class PagedKVCache:

@@ -12,18 +12,40 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING
 
 import torch
 
 from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
 
-if TYPE_CHECKING:
-    from engine.kv_cache import LayerKVCache
-
 log = logging.getLogger(__name__)
+
+
+# Calibrated scales leave this factor of range above the first batch's largest value.
+CALIBRATION_HEADROOM = 2.0
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's share: what an ``Attention`` module reads and writes."""
+
+    k: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    k_scale: float = 1.0  # fp8 only: stored value = x / scale
+    v_scale: float = 1.0
+    needs_calibration: bool = False  # fp8 without checkpoint scales, not yet calibrated
+
+    def calibrate(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set the scales from this batch's ``k, v [T, Hkv, D]`` (skipped while all zeros)."""
+        k_amax, v_amax = (float(x.detach().abs().amax().float()) if x.numel() else 0.0 for x in (k, v))
+        if not (k_amax > 0 and v_amax > 0 and math.isfinite(k_amax + v_amax)):
+            return
+        fmax = torch.finfo(self.k.dtype).max
+        self.k_scale = CALIBRATION_HEADROOM * k_amax / fmax
+        self.v_scale = CALIBRATION_HEADROOM * v_amax / fmax
+        self.needs_calibration = False
 
 
 @dataclass
