@@ -129,6 +129,8 @@ class Settings:
         kwargs = _kwargs_for(EngineConfig, "engine", self.values)
         kwargs["model_path"] = str(model_path if model_path is not None else self.model)
         kwargs["project_shares"] = tuple((project_shares or {}).items())
+        if self.sources["max_model_len"] == DEFAULT:  # the old default, within the model's limit
+            kwargs["max_model_len"], kwargs["max_model_len_limit"] = None, self.max_model_len
         return EngineConfig(**kwargs)
 
 

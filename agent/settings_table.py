@@ -87,7 +87,8 @@ FLAGS: tuple[Flag, ...] = (
     _f("dtype", "str", "auto", "engine", M, "compute dtype; auto: the checkpoint's fp16/bf16 on a GPU, float32 on the CPU",
        choices=("auto", "float32", "float16", "bfloat16")),
     _f("max_model_len", "int", 4096, "engine", M,
-       "longest sequence (prompt + reply) in tokens; none: the model's own limit",
+       "longest sequence (prompt + reply) in tokens; the default is lowered to the model's own "
+       "limit where that is smaller, a value given is not; none: the model's own limit",
        optional=True, minimum=16),
     _f("seed", "int", 0, "engine", M, "random seed of the sampler", minimum=0),
     # device and memory

@@ -32,7 +32,8 @@ class EngineConfig:
     model_path: str
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings ...
+    max_model_len_limit: int | None = None  # ... but at most this many (a default, not a demand)
     max_num_seqs: int = 32  # sequences in one batch
     max_num_batched_tokens: int = 4096  # tokens in one forward pass (prefill chunks)
     quantization: str | None = None  # None/"none": the checkpoint's own dtype

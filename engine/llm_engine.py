@@ -74,7 +74,9 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the model's "
                 f"max_position_embeddings {model_max}"
             )
-        self.max_model_len: int = config.max_model_len or model_max
+        self.max_model_len: int = config.max_model_len or min(
+            model_max, config.max_model_len_limit or model_max
+        )
         self.vocab_size = int(model.config.vocab_size)
         self.memory_plan = plan_kv_cache(model, config, device, dtype, self.max_model_len)
         kv_cache = allocate_kv_cache(model, self.memory_plan, config, device, dtype, kv_scales)

@@ -355,3 +355,14 @@ def test_shutdown_from_a_callback(make, prompts) -> None:
     eng.submit(GenerationRequest("first", prompts[0], GREEDY, on_done=lambda r: eng.shutdown()))
     eng.submit(col.request("second", prompts[1], SamplingParams(temperature=0, max_tokens=200)))
     assert col.wait(1)["second"].finish_reason == "cancelled"
+
+
+def test_max_model_len_limit_is_capped_by_the_model(path: Path) -> None:
+    model_max = ModelConfig.from_pretrained(path).max_position_embeddings
+    eng = create_engine(EngineConfig(model_path=str(path), device="cpu", max_model_len_limit=10**6))
+    small = create_engine(EngineConfig(model_path=str(path), device="cpu", max_model_len_limit=64))
+    try:
+        assert eng.max_model_len == model_max and small.max_model_len == 64
+    finally:
+        eng.shutdown()
+        small.shutdown()

@@ -396,3 +396,11 @@ def test_systemd_files() -> None:
                  "ExecStart=/opt/vllm-deploy/.venv/bin/python /opt/vllm-deploy/vLLMDeploy.py"):
         assert f"\n{line}\n" in unit, line
     assert "notify" not in unit.replace("sd_notify readiness comes", "")
+
+
+def test_default_max_model_len_is_only_a_limit() -> None:
+    """The old default 4096 must not fail on a model with a shorter context; a given value may."""
+    default = parse_settings(["--model", "m"]).engine_config("m")
+    assert default.max_model_len is None and default.max_model_len_limit == 4096
+    given = parse_settings(["--model", "m", "--max_model_len", "4096"]).engine_config("m")
+    assert given.max_model_len == 4096 and given.max_model_len_limit is None
