@@ -99,6 +99,10 @@ def start(settings: Settings) -> None:
     from engine.model_source import resolve_model
 
     check_devices(settings)  # before a download that may take an hour
+    if settings.metrics_port is not None:  # ... and before loading the model
+        from agent.prometheus import require_prometheus
+
+        require_prometheus()
     model_path = resolve_model(
         settings.model,
         provider=settings.model_provider,
@@ -107,6 +111,7 @@ def start(settings: Settings) -> None:
         auto_download=settings.auto_download,
     )
     from agent.app import Agent, served_projects
+    from agent.status import AgentInfo
 
     agent_config = settings.agent_config()
     projects = load_projects(served_projects(agent_config))
@@ -117,7 +122,8 @@ def start(settings: Settings) -> None:
     log.info("loading %s on device %s for projects %s", model_path, settings.device,
              ", ".join(projects))
     engine = create_engine(engine_config)
-    agent = Agent(agent_config, engine, projects)
+    info = AgentInfo(model=settings.model, quantization=engine_config.quantization or "none")
+    agent = Agent(agent_config, engine, projects, info=info)
     agent.run_forever()
 
 

@@ -11,9 +11,12 @@ from agent.config import AgentConfig
 from agent.control import Control
 from agent.legacy import LegacyTopics, legacy_projects
 from agent.maze_state import MazeHints
+from agent.metrics import summary
 from agent.mqtt_client import MqttClient, MqttConnectError
+from agent.prometheus import AgentCollector, PrometheusEndpoint
 from agent.router import Router
 from agent.sessions import SessionStore
+from agent.status import AgentInfo, StatusReporter, check_service_topics, default_agent_id
 from agent.topics import MAZE, Topics
 from engine.api import EngineProtocol
 from projects import ProjectSpec, load_project
@@ -44,6 +47,7 @@ class Agent:
         engine: EngineProtocol,
         projects: dict[str, ProjectSpec] | None = None,
         store: SessionStore | None = None,
+        info: AgentInfo | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -54,6 +58,7 @@ class Agent:
         subscriptions = self.topics.all_subscriptions(legacy=config.legacy_topics)
         self.mqtt = MqttClient(config, subscriptions, self._on_message)
         self.router = Router(config, engine, self.projects, self.topics, self.mqtt.publish, store)
+        self._init_status(info or AgentInfo(), [t for t, _ in subscriptions])
         self.maze = MazeHints(config, self.router, self.topics) if MAZE in config.projects else None
         # Tried in order before the chat topics; each takes the topics that are its own.
         self._handlers = [Control(config, self.router, self.topics, self.maze).handle]
@@ -71,15 +76,45 @@ class Agent:
         """Connected to the broker and subscribed."""
         return self.mqtt.ready
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, properties: object = None) -> None:
+        """``properties``: MQTT v5 ones (a chat request's Response Topic, Correlation Data)."""
         for handle in self._handlers:
             if handle(topic, payload):
                 return
-        self.router.handle_message(topic, payload)
+        self.router.handle_message(topic, payload, properties)
+
+    def _init_status(self, info: AgentInfo, subscriptions: list[str]) -> None:
+        """The status and metrics topics (and the Last Will); the Prometheus endpoint if asked."""
+        config = self.config
+        self.agent_id = config.agent_id or default_agent_id()
+        check_service_topics(self.topics, config.status_prefix, self.agent_id, subscriptions)
+        self.status = StatusReporter(
+            self.agent_id, config.status_prefix, info, self.projects,
+            lambda topic, payload, retain: self.mqtt.publish(topic, payload, retain=retain),
+            lambda: self.mqtt.ready, self.metrics_summary, config.stats_interval,
+        )
+        self.mqtt.set_will(*self.status.will())
+        self.mqtt.on_ready = self.status.online
+        labels = {"agent_id": self.agent_id, "model": info.model or "",
+                  "quantization": info.quantization or "", "version": self.status.version}
+        self.prometheus = None if config.metrics_port is None else PrometheusEndpoint(
+            config.metrics_port, AgentCollector(self.router.metrics, self.metrics_summary, labels))
+
+    def metrics_summary(self) -> dict:
+        """What the metrics topic carries (agent.metrics.summary)."""
+        try:
+            engine = self.engine.stats()
+        except Exception:  # counters must never cost the agent
+            log.exception("reading the engine's counters failed")
+            engine = {}
+        router = self.router.stats()
+        return summary(self.router.metrics, router["pending"], engine, router["output_rules"])
 
     def stats(self) -> dict:
-        """The engine's counters, and the router's (pending turns, output-rule repairs)."""
-        return {"engine": self.engine.stats(), "agent": self.router.stats()}
+        """The engine's counters, the router's (pending turns, output-rule repairs), and the
+        metrics topic's summary."""
+        return {"engine": self.engine.stats(), "agent": self.router.stats(),
+                "metrics": self.metrics_summary()}
 
     def start(self, wait: bool = True, timeout: float | None = None) -> None:
         """With ``wait`` (default) returns once subscribed, or raises MqttConnectError after
@@ -91,9 +126,17 @@ class Agent:
             first = not self._started
             self._started = True
         if first:
-            log.info("starting agent for projects %s", ", ".join(self.config.projects))
+            log.info("starting agent %s for projects %s", self.agent_id,
+                     ", ".join(self.config.projects))
+            if self.prometheus is not None:
+                try:
+                    self.prometheus.start()
+                except ValueError:
+                    self.stop()
+                    raise
             self.engine.start()
             self.router.start()
+            self.status.start()
         try:
             self.mqtt.start(wait=wait, timeout=timeout)
         except MqttConnectError:
@@ -109,8 +152,13 @@ class Agent:
             self._stopped = True
         log.info("stopping agent")
         self._stop_requested.set()
+        self.status.stop()
         self.router.stop()
+        if self.mqtt.ready:  # else the Will says offline (or we never were online)
+            self.status.offline()
         self.mqtt.stop()
+        if self.prometheus is not None:
+            self.prometheus.stop()
         self.engine.shutdown()
         log.info("agent stopped")
 

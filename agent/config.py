@@ -38,6 +38,11 @@ class AgentConfig:
     legacy_topics: bool = False
     legacy_project: str = "general"  # whose prompt serves llama/user_input/<sid>
     legacy_driving_project: str = "driving"  # ... and llama/driving/user_input/<sid>
+    # status and metrics topics (PROTOCOL.md part C): <status_prefix>/<agent_id>/status|metrics
+    status_prefix: str = "vllm_deploy"
+    agent_id: str | None = None  # None: the host name, made one topic level
+    stats_interval: float = 60.0  # seconds between metrics messages / log lines; 0: none
+    metrics_port: int | None = None  # Prometheus endpoint on this port; None: off
 
     def __post_init__(self) -> None:
         if not self.projects:
@@ -51,6 +56,16 @@ class AgentConfig:
         for name in ("session_timeout", "rate_limit_window", "request_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.stats_interval < 0:
+            raise ValueError(f"stats_interval must be >= 0, got {self.stats_interval}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        from agent.status import agent_id_problem, status_prefix_problem
+
+        problem = status_prefix_problem(self.status_prefix) or (
+            None if self.agent_id is None else agent_id_problem(self.agent_id))
+        if problem:
+            raise ValueError(problem)
         if self.connect_timeout < 0:
             raise ValueError(f"connect_timeout must be >= 0, got {self.connect_timeout}")
         if not 0 <= self.temperature <= 2:

@@ -7,16 +7,22 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.protocol import ChatRequest
 from agent.sessions import Session, SessionKey
 from engine.api import GenerationRequest
+
+if TYPE_CHECKING:
+    from agent.streaming import Stream
 
 log = logging.getLogger(__name__)
 
 # (reply or error text, True for a reply) -> the payload to publish (maze hints are JSON)
 Shape = Callable[[str, bool], str]
 INTERNAL = "Error: internal server error"
+OVERLOADED = "Server is overloaded. Please try again in a moment."
+SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
 
 
 def shaped(shape: Shape | None, text: str, ok: bool) -> str:
@@ -47,6 +53,7 @@ class Turn:
     # The session was reset, swapped, cleared or deleted after this turn read it:
     # it is answered, but its exchange is not recorded over the new state.
     stale: bool = False
+    stream: Stream | None = None  # part C: "stream": true
 
     @property
     def key(self) -> SessionKey:

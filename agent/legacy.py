@@ -15,6 +15,7 @@ import logging
 import secrets
 
 from agent.config import AgentConfig
+from agent.metrics import BAD_REQUEST
 from agent.protocol import ChatRequest, session_id_problem
 from agent.router import Router
 from agent.topics import LEGACY_CHAT, LEGACY_SESSION, LEGACY_SESSION_REPLY, Topics
@@ -62,6 +63,7 @@ class LegacyTopics:
             return
         reply_topic = reply_prefix + sid
         if len(payload) > self.config.max_payload_bytes:
+            self.router.metrics.rejected(project, BAD_REQUEST)
             self.router.publish(reply_topic, f"Error: the request is too large ({len(payload)} "
                                 f"bytes; the limit is {self.config.max_payload_bytes} bytes)")
             return

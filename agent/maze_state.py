@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from agent.config import AgentConfig
+from agent.metrics import BAD_REQUEST
 from agent.protocol import ChatRequest, session_id_problem
 from agent.reasoning import EMPTY_ANSWER
 from agent.router import Router
@@ -151,6 +152,7 @@ class MazeHints:
 
     def _error(self, sid: str, topic: str, message: str) -> None:
         log.warning("bad maze state for session %.80s: %s", sid, message)
+        self.router.metrics.rejected(MAZE, BAD_REQUEST)
         self.publish(topic, error_reply(message, self.breaks.remaining(sid)))
 
     # ---- worker threads ----

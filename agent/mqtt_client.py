@@ -32,7 +32,7 @@ NAMED_SESSION_EXPIRY_S = 24 * 3600
 GENERATED_SESSION_EXPIRY_S = 300
 _AUTH_FAILURES = {134, 135}  # bad user name or password, not authorized
 
-Handler = Callable[[str, bytes], None]
+Handler = Callable[[str, bytes, Properties | None], None]  # topic, payload, v5 properties
 Subscription = str | tuple[str, int]  # a topic (QoS 1) or (topic, QoS)
 
 
@@ -76,8 +76,10 @@ class MqttClient:
         self._sub_mid: int | None = None
         self._unacked = 0
         self._acks = threading.Condition()
+        self._qos0_mids: set[int] = set()  # stream messages in flight: not waited for
         self._started = False
         self._stopping = False
+        self.on_ready: Callable[[], None] | None = None  # each (re)connect, once subscribed
 
     @property
     def where(self) -> str:
@@ -129,13 +131,30 @@ class MqttClient:
                 return False
         return True
 
-    def publish(self, topic: str, payload: str | bytes) -> None:
-        """QoS 1, not retained; queued by paho while disconnected and sent on reconnect."""
+    def set_will(self, topic: str, payload: str) -> None:
+        """The retained QoS 1 Last Will (the offline status); before ``start()``."""
+        self._client.will_set(topic, payload.encode("utf-8"), qos=QOS, retain=True)
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False, qos: int = QOS,
+                correlation: bytes | None = None) -> None:
+        """QoS 1, retained only with ``retain`` (the status); queued by paho while disconnected
+        and sent on reconnect. ``qos`` 0 (stream messages): best effort, dropped while
+        disconnected. ``correlation``: MQTT v5 Correlation Data (part C; none on 3.1.1)."""
         data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        props = None
+        if correlation is not None and self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = correlation
+        if qos == 0:
+            with self._acks:  # its on_publish (network thread) must find its mid
+                info = self._client.publish(topic, data, qos=0, retain=retain, properties=props)
+                if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                    self._qos0_mids.add(info.mid)
+            return
         with self._acks:
             self._unacked += 1
         try:
-            info = self._client.publish(topic, data, qos=QOS, retain=False)
+            info = self._client.publish(topic, data, qos=QOS, retain=retain, properties=props)
         except Exception:
             self._acked()
             raise
@@ -187,6 +206,7 @@ class MqttClient:
     ) -> None:
         self._subscribed.clear()
         with self._acks:
+            self._qos0_mids.clear()  # lost with the connection
             self._acks.notify_all()
         if not self._stopping:
             log.warning("disconnected from MQTT broker %s (%s); reconnecting", self.where, reason_code)
@@ -204,6 +224,8 @@ class MqttClient:
             log.error("MQTT broker %s refused the subscription to %s", self.where, refused)
             return
         log.info("subscribed to %s", ", ".join(t for t, _ in self.subscriptions))
+        if self.on_ready is not None:
+            self.on_ready()  # before ready: start() returns with the online status sent
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
@@ -212,7 +234,7 @@ class MqttClient:
                 # A retained request would be served again at every (re)subscribe.
                 log.warning("ignoring a retained message on %.200r", message.topic)
                 return
-            self._handler(message.topic, message.payload)
+            self._handler(message.topic, message.payload, message.properties if self.v5 else None)
         except Exception:  # an exception here would end paho's network thread
             log.exception("handling a message failed")
 
@@ -220,9 +242,12 @@ class MqttClient:
         self, client: mqtt.Client, userdata: object, mid: int, reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._acked()
+        self._acked(mid)
 
-    def _acked(self) -> None:
+    def _acked(self, mid: int | None = None) -> None:
         with self._acks:
+            if mid in self._qos0_mids:
+                self._qos0_mids.discard(mid)
+                return
             self._unacked -= 1
             self._acks.notify_all()

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.options import Options, parse_options
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -19,9 +20,10 @@ _KNOWN = {
     "message", "sessionId", "temperature", "topP", "maxTokens", "systemPrompt",
     "prompt_template", "replyTopic", "clientId", "requestId", "images",
 }
-# For a payload too large to parse: find the reply target without decoding it all.
+# For a payload too large to parse: find the reply target (and the envelope's fields) cheaply.
 _SCAN = 64 * 1024
-_FIELD_RE = re.compile(rb'"(sessionId|replyTopic)"\s*:\s*("(?:[^"\\]|\\.){0,1024}"|-?\d{1,64})')
+_FIELD_RE = re.compile(rb'"(sessionId|replyTopic|requestId|clientId|responseFormat)"'
+                       rb'\s*:\s*("(?:[^"\\]|\\.){0,1024}"|-?\d{1,64})')
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class ChatRequest:
     client_id: str | None = None
     request_id: str | None = None
     generated_session: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)  # unknown fields (part C reads them)
+    extras: dict[str, Any] = field(default_factory=dict)  # fields beyond part A
+    options: Options = Options()  # part C
+    correlation_data: bytes | None = None  # MQTT v5, echoed on the reply
 
 
 class ProtocolError(Exception):
@@ -50,8 +54,11 @@ class ProtocolError(Exception):
         project: str,
         session_id: str | None = None,
         request_id: str | None = None,
+        data: dict | None = None,
     ) -> None:
         super().__init__(reply)
+        self.data = data  # the request object, if it was one (part C reads responseFormat)
+        self.correlation_data: bytes | None = None
         self.reply = reply
         self.reply_topic = reply_topic
         self.project = project
@@ -184,7 +191,7 @@ class RequestParser:
             requested = data.get("replyTopic")
             requested = requested.rstrip("/") if isinstance(requested, str) else ""
             topic = None if self.topics.reply_problem(project, requested) else requested
-        return ProtocolError(reply, topic, project, session_id, request_id)
+        return ProtocolError(reply, topic, project, session_id, request_id, data)
 
     def _from_object(self, project: str, data: dict) -> ChatRequest:
         try:
@@ -193,10 +200,11 @@ class RequestParser:
             raise self._error(project, data, f"Error: {exc}") from None
         reply_topic = self.topics.confine_reply(project, data.get("replyTopic"), session_id)
         try:
+            options = parse_options(data)
             message = data.get("message")
             if message is not None and not isinstance(message, str):
                 raise ValueError("message must be a string")
-            if not message or not message.strip():
+            if options.command is None and (not message or not message.strip()):
                 raise ValueError("empty message")
             if data.get("images"):
                 raise ValueError("this model does not accept images")
@@ -204,7 +212,7 @@ class RequestParser:
             request = ChatRequest(
                 project=project,
                 session_id=session_id,
-                message=_utf8(message.strip()),
+                message=_utf8((message or "").strip()),
                 reply_topic=reply_topic,
                 temperature=_number(data, "temperature", 0.0, 2.0),
                 top_p=_number(data, "topP", 0.0, 1.0, low_open=True),
@@ -214,10 +222,12 @@ class RequestParser:
                 request_id=_optional_id(data, "requestId"),
                 generated_session=generated,
                 extras={k: v for k, v in data.items() if k not in _KNOWN},
+                options=options,
             )
         except ValueError as exc:
             raise ProtocolError(
-                f"Error: {exc}", reply_topic, project, session_id, _optional_id(data, "requestId")
+                f"Error: {exc}", reply_topic, project, session_id,
+                _optional_id(data, "requestId"), data,
             ) from None
         return request
 

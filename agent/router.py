@@ -18,17 +18,23 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from agent import metrics as outcome
 from agent.config import AgentConfig
 from agent.deadlines import DeadlineWatcher
 from agent.dedupe import Deduper
-from agent.lanes import INTERNAL, SessionLanes, Shape, Turn, shaped
+from agent.envelope import Envelope, error_envelope
+from agent.lanes import INTERNAL, OVERLOADED, SHUTTING_DOWN, SessionLanes, Shape, Turn, shaped
+from agent.metrics import RequestMetrics
+from agent.options import RESET, RESET_REPLY
 from agent.output_rules import RuleReviewer, retry_request
 from agent.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
 from agent.protocol import ChatRequest, ProtocolError, RequestParser
 from agent.rate_limit import RATE_LIMITED, RateLimiter
 from agent.reasoning import answer_of
 from agent.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
+from agent.streaming import open_stream
 from agent.topics import Topics
+from agent.v5 import apply_v5, apply_v5_to_error
 from engine.api import (
     EngineError,
     EngineProtocol,
@@ -40,9 +46,7 @@ from projects import ProjectSpec
 
 log = logging.getLogger(__name__)
 
-OVERLOADED = "Server is overloaded. Please try again in a moment."
-SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
-Publish = Callable[[str, str], None]
+Publish = Callable[..., None]  # (topic, payload); part C adds qos= and correlation=
 
 
 class Router:
@@ -71,6 +75,7 @@ class Router:
         self.deduper = Deduper(max(600.0, 2 * config.request_timeout), clock=clock)
         self.lanes = SessionLanes(config.max_queue)
         self.rules = RuleReviewer()
+        self.metrics = RequestMetrics(clock)
         self.default_prompts: dict[str, str] = {}  # set by P/template without a session
         self._store_lock = threading.Lock()  # reading a session for a turn vs. changing it
         self._seq = itertools.count(1)
@@ -101,7 +106,8 @@ class Router:
 
     # ---- MQTT thread: quick checks, then hand off ----
 
-    def handle_message(self, topic: str, payload: bytes) -> None:
+    def handle_message(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """``properties``: an MQTT v5 request's (Response Topic, Correlation Data), or None."""
         project = self.topics.project_of(topic)
         if project is None:
             log.warning("ignoring a message on unexpected topic %.200r", topic)
@@ -109,41 +115,51 @@ class Router:
         try:
             request = self.parser.parse(project, payload)
         except ProtocolError as err:
-            self._reject(err)
+            self._reject(apply_v5_to_error(err, properties, self.topics))
             return
-        self.submit(request)
+        self.submit(apply_v5(request, properties, self.topics))
 
     def _reject(self, err: ProtocolError) -> None:
         if err.session_id and err.request_id and self.deduper.seen(
             (err.project, err.session_id, err.request_id)
         ):
             return
+        self.metrics.rejected(err.project, outcome.BAD_REQUEST)
         if err.reply_topic is None:
             log.warning("bad request for project %s and no reply topic: %s", err.project, err.reply)
             return
         log.warning("bad request for project %s session %s: %s", err.project, err.session_id, err.reply)
-        self.publish(err.reply_topic, err.reply)
+        self.publish(err.reply_topic, error_envelope(err) or err.reply,
+                     correlation=err.correlation_data)
 
     def submit(self, request: ChatRequest, shape: Shape | None = None) -> None:
         """Admits a request (also one from another topic); ``shape`` makes the payload of its
         reply or error from the text (None: the text itself)."""
+        if shape is None and request.options.json:
+            shape = Envelope(request, self.config.skip_thinking,
+                             self.engine.tokenizer.opens_reasoning)
         key = (request.project, request.session_id)
         if request.request_id and self.deduper.seen(key + (request.request_id,)):
             log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
             return
         if self._stopping:
-            self.publish(request.reply_topic, shaped(shape, SHUTTING_DOWN, False))
+            self.metrics.rejected(request.project, outcome.SHUTTING_DOWN)
+            self._reply(request, shaped(shape, SHUTTING_DOWN, False))
             return
         if not self.limiter.allow(key):
             log.warning("rate limit hit by session %s/%s", *key)
-            self.publish(request.reply_topic, shaped(shape, RATE_LIMITED, False))
+            self.metrics.rejected(request.project, outcome.RATE_LIMITED)
+            self._reply(request, shaped(shape, RATE_LIMITED, False))
             return
         now = self._clock()
-        turn = Turn(request, next(self._seq), now, shape=shape)
+        turn = Turn(request, next(self._seq), now, shape=shape, stream=open_stream(
+            request, self.topics, self.publish, self.config.skip_thinking,
+            self.engine.tokenizer.opens_reasoning))
         first = self.lanes.add(turn)
         if first is None:
             log.warning("queue full (%d requests): overloaded reply", self.config.max_queue)
-            self.publish(request.reply_topic, shaped(shape, OVERLOADED, False))
+            self.metrics.rejected(request.project, outcome.OVERLOADED)
+            self._reply(request, shaped(shape, OVERLOADED, False))
             return
         if self._stopping:  # stop() may have listed the pending turns before this one came
             self._finish(turn, SHUTTING_DOWN)
@@ -171,6 +187,9 @@ class Router:
         if turn.answered:
             return
         req, spec = turn.request, self.projects[turn.request.project]
+        if req.options.command == RESET:
+            self._reset(turn)
+            return
         with self._store_lock:
             turn.stale = False  # only changes made after this read make the turn stale
             session = self.store.get(turn.key)
@@ -199,6 +218,7 @@ class Router:
             prompt_token_ids=prompt.token_ids,
             sampling=sampling,
             on_done=lambda result: self._spawn(self._on_result, turn, result),
+            on_delta=turn.stream.feed if turn.stream is not None else None,
             project=req.project,
             metadata={"session_id": req.session_id, "client_id": req.client_id},
         ))
@@ -216,6 +236,8 @@ class Router:
     def _on_result(self, turn: Turn, result: GenerationResult) -> None:
         if turn.answered:  # timed out or shut down meanwhile: nothing to send, nothing to retry
             return
+        if isinstance(turn.shape, Envelope):
+            turn.shape.result = result
         text, error = answer_of(result, self.config.skip_thinking, self.engine.tokenizer.opens_reasoning)
         if error is not None:
             if result.error:
@@ -227,6 +249,8 @@ class Router:
             reviewed = self.rules.review(turn.request.project, rules, text, turn.seq, not turn.retried)
             if reviewed is None:  # broke its rules: once more
                 turn.retried = True
+                if turn.stream is not None:
+                    turn.stream.restart()
                 self._generate(turn, retry_request(turn.generation))
                 return
             text = reviewed
@@ -241,18 +265,31 @@ class Router:
 
     # ---- any thread ----
 
-    def _finish(self, turn: Turn, reply: str, history: Session | None = None) -> bool:
-        """Answers ``turn`` unless it was answered already; the session changes only on success."""
+    def _finish(self, turn: Turn, reply: str, history: Session | None = None,
+                ok: bool | None = None) -> bool:
+        """Answers ``turn`` unless it was answered already; the session changes only on success.
+        ``ok`` (default: ``history`` was given) tells a reply from an error."""
         if not self.lanes.claim(turn):
             return False
+        ok = history is not None if ok is None else ok
         with self._store_lock:
             if history is not None and not turn.stale:
                 self.store.put(turn.key, history)
-        self.publish(turn.request.reply_topic, shaped(turn.shape, reply, history is not None))
+        if turn.stream is not None:
+            turn.stream.close()  # the stream's last message goes before the reply
+        self._reply(turn.request, shaped(turn.shape, reply, ok))
+        self.metrics.answered(turn.request.project, ok, self._clock() - turn.accepted_at)
         following = self.lanes.advance(turn)
         if following is not None:
             self._spawn(self._run, following)
         return True
+
+    def _reset(self, turn: Turn) -> None:
+        """``command: reset``: forgets the session (history, system prompt) in its lane's order."""
+        with self.changing_sessions(*turn.key) as store:
+            store.delete(turn.key)
+        log.info("request %d: session %s/%s reset", turn.seq, *turn.key)
+        self._finish(turn, RESET_REPLY, ok=True)
 
     def _expire(self, turn: Turn) -> None:
         if turn.answered:
@@ -262,13 +299,21 @@ class Router:
         if self._finish(turn, reply) and turn.engine_id:
             self.engine.cancel(turn.engine_id)
 
-    def publish(self, topic: str, payload: str) -> None:
-        """Publishes unless ``topic`` is a request, control or invalid topic."""
+    def _reply(self, request: ChatRequest, payload: str) -> None:
+        self.publish(request.reply_topic, payload, correlation=request.correlation_data)
+
+    def publish(self, topic: str, payload: str, *, qos: int = 1,
+                correlation: bytes | None = None) -> None:
+        """Publishes unless ``topic`` is a request, control or invalid topic; ``qos`` 0 for
+        stream messages, ``correlation``: MQTT v5 Correlation Data to echo (part C)."""
         if not self.topics.publishable(topic):
             log.error("refusing to publish on %.200r (a request, control or invalid topic)", topic)
             return
         try:
-            self._publish_raw(topic, payload)
+            if qos == 1 and correlation is None:
+                self._publish_raw(topic, payload)
+            else:
+                self._publish_raw(topic, payload, qos=qos, correlation=correlation)
         except Exception:
             log.exception("publishing on %.200r failed", topic)
 

@@ -181,6 +181,21 @@ FLAGS: tuple[Flag, ...] = (
     _f("legacy_driving_project", "str", "driving", "agent", Q,
        "project whose prompt, rules and sessions serve llama/driving/user_input/<sid>",
        metavar="NAME"),
+    # status and metrics (PROTOCOL.md part C)
+    _f("status_prefix", "str", "vllm_deploy", "agent", "status and metrics",
+       "first level(s) of the retained status topic <status_prefix>/<agent_id>/status (also "
+       "the Last Will) and of .../metrics", metavar="PREFIX"),
+    _f("agent_id", "str", None, "agent", "status and metrics",
+       "this agent's name in the status and metrics topics; unset: the host name, with "
+       "characters other than letters, digits, '_', '.' and '-' turned into '-'",
+       optional=True, metavar="NAME"),
+    _f("stats_interval", "float", 60.0, "agent", "status and metrics",
+       "seconds between metrics messages on <status_prefix>/<agent_id>/metrics and the "
+       "stats log line; 0: none", minimum=0),
+    _f("metrics_port", "int", None, "agent", "status and metrics",
+       "serve Prometheus metrics on http://0.0.0.0:PORT/metrics (needs `pip install "
+       "prometheus-client`); 0: any free port (logged); unset: off", optional=True, minimum=0,
+       maximum=65535, metavar="PORT"),
     # launcher
     _f("config", "str", None, "launcher", L,
        "YAML file of settings (keys are flag names); command line > environment > YAML "

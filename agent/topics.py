@@ -9,6 +9,7 @@ log = logging.getLogger(__name__)
 
 REQUEST = "user_input"
 REPLY = "assistant_response"
+STREAM = "stream"  # part C: "<reply topic>/stream"
 # Control topics of every project (part B); each also takes a "/<sessionId>" suffix.
 CONTROL = ("template", "clear_history", "delete_session")
 # Per-project request topics beyond user_input (part B).
@@ -49,6 +50,20 @@ def topic_problem(topic: str) -> str | None:
     if size > MAX_TOPIC_BYTES:
         return "it is too long"
     return None
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters (``+`` one level, ``#`` the rest; a topic
+    name is a filter of itself)."""
+    levels_a, levels_b = a.split("/"), b.split("/")
+    for x, y in zip(levels_a, levels_b, strict=False):
+        if "#" in (x, y):
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    shorter, longer = sorted((levels_a, levels_b), key=len)
+    rest = longer[len(shorter):]
+    return not rest or rest == ["#"]  # "a/#" also matches "a"
 
 
 class Topics:
@@ -132,6 +147,22 @@ class Topics:
 
     def publishable(self, topic: str) -> bool:
         return topic_problem(topic) is None and not self.is_reserved(topic)
+
+    def stream_of(self, reply_topic: str) -> str | None:
+        """``<reply topic>/stream`` (part C), or None if it may not be published to."""
+        topic = f"{reply_topic}/{STREAM}"
+        return topic if self.publishable(topic) else None
+
+    def service_problem(self, topic: str) -> str | None:
+        """Why the agent cannot publish its own status or metrics on ``topic``, or None: it must
+        be publishable and outside every tree a client may choose a reply topic in."""
+        if not self.publishable(topic):
+            return topic_problem(topic) or "it is a request or control topic"
+        roots = [self.reply_root(p) for p in self.projects] + [self.hint_root()]
+        roots += [self.legacy(t) + "/" for t in LEGACY_CHAT.values()]
+        if topic.startswith(tuple(roots)):
+            return "clients may choose it as a reply topic"
+        return None
 
     def reply_problem(self, project: str, topic: str) -> str | None:
         """Why ``topic`` (trailing '/' already stripped) is no reply topic of ``project``."""

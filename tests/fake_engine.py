@@ -2,7 +2,8 @@
 
 It answers on its own timer threads, like the real engine's loop thread; it
 echoes the last user message unless told otherwise, records every prompt it
-saw, and can be slowed, made to fail, or made to "think" first.
+saw, streams the reply in small pieces to ``on_delta``, and can be slowed,
+made to fail, or made to "think" first.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class FakeEngine:
         self.fail: str | None = None  # answer with finish_reason "error" and this message
         self.submit_error: Exception | None = None  # raised by submit()
         self.think: str | None = None  # "closed": "<think>..</think>answer"; "open": "..</think>answer"
+        self.delta_chars = 3  # a request with on_delta gets the text in pieces this long first
         self.requests: list[GenerationRequest] = []
         self.prompts: list[str] = []  # decoded, special tokens kept
         self.cancelled: list[str] = []
@@ -138,6 +140,9 @@ class FakeEngine:
         if len(ids) > request.sampling.max_tokens:  # cut off, as the real engine would
             ids, finish = ids[: request.sampling.max_tokens], "length"
             text = self.tokenizer.decode(ids)
+        if request.on_delta is not None:
+            for i in range(0, len(text), self.delta_chars):
+                request.on_delta(text[i:i + self.delta_chars])
         request.on_done(GenerationResult(request.request_id, text, ids, finish, n))
 
     def user_turns(self, index: int = -1) -> list[str]:

@@ -14,6 +14,7 @@ import yaml
 from agent.config import AgentConfig
 from agent.settings import Settings, SettingsError, build_parser, parse_settings
 from agent.settings_table import FLAGS, default_yaml, markdown_table, readme_table
+from agent.status import AgentInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_ENV: dict[str, str] = {}
@@ -302,8 +303,9 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
     seen: dict[str, object] = {}
 
     class FakeAgent:
-        def __init__(self, config: AgentConfig, engine: object, projects: dict) -> None:
-            seen["agent_projects"] = dict(projects)
+        def __init__(self, config: AgentConfig, engine: object, projects: dict,
+                     info: object = None) -> None:
+            seen["agent_projects"], seen["info"] = dict(projects), info
 
         def run_forever(self) -> None:
             seen["ran"] = True
@@ -324,6 +326,7 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
     assert dict(config.project_shares) == {"maze": 3.0, "driving": 1.0, "general": 1.0}
     assert config.kv_cache_dtype == "fp8" and config.model_path == str(tmp_path)
     assert set(seen["agent_projects"]) == {"maze", "driving", "general"} and seen["ran"]
+    assert seen["info"] == AgentInfo(model=settings.model, quantization="none")  # status topic
 
 
 def test_legacy_topic_settings() -> None:
