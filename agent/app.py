@@ -35,7 +35,7 @@ def served_projects(config: AgentConfig) -> list[str]:
 
 
 class Agent:
-    """Serves PROTOCOL.md parts A and B for ``config.projects`` with one engine.
+    """Serves PROTOCOL.md parts A, B and C for ``config.projects`` with one engine.
 
     ``start()`` starts the engine, then connects; ``stop()`` answers every
     pending request, disconnects and shuts the engine down.
