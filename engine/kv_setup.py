@@ -114,14 +114,13 @@ def plan_kv_cache(model: torch.nn.Module, config: EngineConfig, device: torch.de
 
         pool, utilization = psutil.virtual_memory().available, config.cpu_memory_utilization
         weights_in_pool = False  # already loaded: no longer in "available"
-    shares = dict(config.project_shares) or {"all": 1.0}
     plan = plan_memory(
         device=device.type, pool_bytes=pool, utilization=utilization,
         weight_bytes=model_bytes(model), activation_bytes=activation,
         bytes_per_block=PagedKVCache.bytes_per_block(
             c.num_layers, config.block_size, c.num_kv_heads, c.head_dim, cache_dtype),
         block_size=config.block_size, max_model_len=max_model_len,
-        max_num_seqs=config.max_num_seqs, project_shares=shares, weights_in_pool=weights_in_pool,
+        max_num_seqs=config.max_num_seqs, weights_in_pool=weights_in_pool,
         num_blocks_override=config.num_kv_blocks,
     )
     for line in plan.log_lines():

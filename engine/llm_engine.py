@@ -89,6 +89,12 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config.max_num_seqs, config.max_num_batched_tokens, self.block_manager
         )
+        shares = ", ".join(
+            f"{p} {self.block_manager.share_blocks(p) * config.block_size} tokens"
+            for p, _ in config.project_shares
+        )
+        log.info("KV tokens per project (share): %s", shares or "one pool, shared by the "
+                 "projects as they appear")
         self._inbox: queue.Queue[tuple[str, Any, float]] = queue.Queue()
         self._active: dict[str, _Active] = {}  # loop thread only
         self._lock = threading.Lock()  # guards _closed and _thread

@@ -5,8 +5,8 @@ The cache is allocated once at start. On a GPU its budget is
 the activation peak of the largest batch (measured by a dummy forward); on the
 CPU it is ``cpu_memory_utilization`` x the memory psutil reports available
 (the weights are already loaded, so they are no longer "available"), minus an
-estimate of the activation peak. The plan then splits the blocks between the
-projects by their ``kv_share``. Plain arithmetic: no torch here.
+estimate of the activation peak. How the blocks are shared between projects is
+the block manager's (``kv_share``). Plain arithmetic: no torch here.
 """
 
 from __future__ import annotations
@@ -29,17 +29,12 @@ class MemoryPlan:
     bytes_per_block: int
     num_blocks: int
     capped: bool  # fewer blocks than the budget allows: more could never be used
-    project_blocks: dict[str, int]
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
-    def project_tokens(self, project: str) -> int:
-        return self.project_blocks.get(project, 0) * self.block_size
-
     def log_lines(self) -> list[str]:
-        per_project = ", ".join(f"{p} {n * self.block_size} tokens" for p, n in self.project_blocks.items())
         cap = " (capped: max_num_seqs x max_model_len)" if self.capped else ""
         return [
             f"memory plan on {self.device}: {self.utilization:g} x {self.pool_bytes / MiB:.0f} MiB; "
@@ -47,20 +42,7 @@ class MemoryPlan:
             f"KV cache {self.kv_cache_bytes / MiB:.1f} MiB",
             f"KV cache: {self.num_blocks} blocks of {self.block_size} tokens "
             f"({self.bytes_per_block} bytes each) = {self.num_tokens} tokens{cap}",
-            f"KV tokens per project (share): {per_project}",
         ]
-
-
-def split_blocks(num_blocks: int, shares: dict[str, float]) -> dict[str, int]:
-    """Blocks per project, proportional to ``shares``; rounding leftovers go to the first ones."""
-    if not shares:
-        return {}
-    total = sum(shares.values())
-    out = {p: int(num_blocks * s / total) for p, s in shares.items()}
-    leftover = num_blocks - sum(out.values())
-    for p in list(out)[:leftover]:
-        out[p] += 1
-    return out
 
 
 def plan_memory(
@@ -74,7 +56,6 @@ def plan_memory(
     block_size: int,
     max_model_len: int,
     max_num_seqs: int,
-    project_shares: dict[str, float],
     weights_in_pool: bool,
     num_blocks_override: int | None = None,
 ) -> MemoryPlan:
@@ -121,7 +102,6 @@ def plan_memory(
         bytes_per_block=bytes_per_block,
         num_blocks=blocks,
         capped=capped,
-        project_blocks=split_blocks(blocks, project_shares),
     )
 
 

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine.memory import MiB, estimate_activation_bytes, plan_memory, split_blocks
+from engine.memory import MiB, estimate_activation_bytes, plan_memory
 
 BASE = dict(
     device="cuda", pool_bytes=80 * 1024 * MiB, utilization=0.9, weight_bytes=16 * 1024 * MiB,
     activation_bytes=2 * 1024 * MiB, bytes_per_block=16 * 2 * 32 * 8 * 128 * 2, block_size=16,
-    max_model_len=4096, max_num_seqs=256, project_shares={"maze": 1.0, "driving": 1.0},
-    weights_in_pool=True,
+    max_model_len=4096, max_num_seqs=256, weights_in_pool=True,
 )
 
 
@@ -17,10 +16,8 @@ def test_gpu_budget_is_utilization_minus_weights_and_activations() -> None:
     budget = int(80 * 1024 * MiB * 0.9) - 16 * 1024 * MiB - 2 * 1024 * MiB
     assert plan.num_blocks == budget // BASE["bytes_per_block"]
     assert plan.kv_cache_bytes == plan.num_blocks * BASE["bytes_per_block"] <= budget
-    assert sum(plan.project_blocks.values()) == plan.num_blocks
     assert not plan.capped
     assert any("blocks of 16 tokens" in line for line in plan.log_lines())
-    assert any("maze" in line and "driving" in line for line in plan.log_lines())
 
 
 def test_half_the_bytes_per_block_holds_twice_the_tokens() -> None:
@@ -48,12 +45,6 @@ def test_too_little_memory_says_what_to_lower() -> None:
     with pytest.raises(ValueError, match="--cpu_memory_utilization"):
         plan_memory(**{**BASE, "device": "cpu", "weights_in_pool": False, "pool_bytes": 100 * MiB,
                        "activation_bytes": 0})
-
-
-def test_split_blocks_follows_shares_and_loses_nothing() -> None:
-    assert split_blocks(10, {"a": 1, "b": 1, "c": 1}) == {"a": 4, "b": 3, "c": 3}
-    assert split_blocks(100, {"big": 3, "small": 1}) == {"big": 75, "small": 25}
-    assert split_blocks(7, {}) == {}
 
 
 def test_activation_estimate_grows_with_tokens() -> None:

@@ -10,6 +10,7 @@ in the plan), and requests that can never fit.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -255,11 +256,14 @@ def test_prefix_hits_change_no_output_and_caching_off_gives_the_same(
 # ---------------------------------------------------------------- per-project budgets
 
 
-def test_token_budget_follows_the_project_shares(engines) -> None:
-    engine, _ = engines("llama", max_model_len=512, num_kv_blocks=32,
-                        project_shares=(("maze", 3.0), ("driving", 1.0)))
+def test_token_budget_follows_the_project_shares(engines, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="engine"):
+        engine, _ = engines("llama", max_model_len=512, num_kv_blocks=32,
+                            project_shares=(("maze", 3.0), ("driving", 1.0)))
     assert engine.token_budget("maze") == 24 * 16  # 3/4 of 32 blocks of 16 tokens
     assert engine.token_budget("driving") == 8 * 16
+    # the start-up log states what each project holds: the same figures the budget uses
+    assert "KV tokens per project (share): maze 384 tokens, driving 128 tokens" in caplog.text
     even, _ = engines("llama", max_model_len=256, num_kv_blocks=64,
                       project_shares=(("maze", 1.0), ("driving", 1.0)))
     assert even.token_budget("maze") == even.token_budget("driving") == 256  # max_model_len
