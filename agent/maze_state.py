@@ -21,7 +21,7 @@ from functools import partial
 
 from agent.config import AgentConfig
 from agent.metrics import BAD_REQUEST
-from agent.protocol import ChatRequest, session_id_problem
+from agent.protocol import ChatRequest, json_object, session_id_problem
 from agent.reasoning import EMPTY_ANSWER
 from agent.router import Router
 from agent.topics import MAZE, STATE, Topics
@@ -119,11 +119,8 @@ class MazeHints:
             self._error(sid, self.hint_root + sid, f"the state is too large ({len(payload)} "
                         f"bytes; the limit is {self.config.max_payload_bytes} bytes)")
             return True
-        try:
-            data = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            data = None
-        if not isinstance(data, dict):
+        data = json_object(payload)
+        if data is None:
             self._error(DEFAULT_SESSION, self.hint_root + DEFAULT_SESSION,
                         "the state must be a JSON object")
             return True

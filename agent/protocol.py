@@ -250,6 +250,14 @@ class RequestParser:
         raise self._error(project, fields, reply)
 
 
+def json_object(payload: bytes) -> dict | None:
+    """The payload as a JSON object; None when it is not UTF-8 JSON holding an object."""
+    try:
+        return _load_object(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
 def _load_object(text: str) -> dict | None:
     try:
         data = json.loads(text)
