@@ -15,7 +15,14 @@ class AgentConfig:
     mqtt_password: str | None = field(default=None, repr=False)
     mqtt_protocol: str = "5"  # "3.1.1" or "5"
     mqtt_keepalive: int = 60
-    client_id: str | None = None  # None: generated, unique per process
+    client_id: str | None = None  # None: derived from agent_id (a stable, persistent session)
+    session_expiry: int = 86400  # seconds the broker keeps our session while we are away
+    mqtt_tls: bool = False
+    mqtt_ca_certs: str | None = None
+    mqtt_certfile: str | None = None
+    mqtt_keyfile: str | None = None
+    mqtt_tls_insecure: bool = False
+    share_group: str | None = None  # $share/<group>/<project>/user_input
     topic_prefix: str = ""  # e.g. "clinic1/": every project topic starts with it
     connect_timeout: float = 30.0  # start() waits this long for connect + subscribe
     reconnect_max_delay: float = 30.0  # cap of the exponential reconnect backoff (s)
@@ -34,6 +41,8 @@ class AgentConfig:
     max_payload_bytes: int = 1_000_000
     request_timeout: float = 100.0  # a reply (maybe an error) before clients give up (45-120 s)
     num_workers: int = 4  # threads that prepare prompts and publish replies
+    session_store: str = "memory"  # or redis://host:port/db
+    shutdown_timeout: float = 30.0  # SIGTERM: finish in-flight requests within this
     # plain-text topics of the older game clients (PROTOCOL.md part B): off unless asked for
     legacy_topics: bool = False
     legacy_project: str = "general"  # whose prompt serves llama/user_input/<sid>

@@ -151,11 +151,8 @@ def _reject_not_yet_supported(values: dict[str, Any]) -> None:
     if values["tensor_parallel_size"] != 1:
         raise SettingsError(f"--tensor_parallel_size {values['tensor_parallel_size']}: this engine "
                             "runs a model on one GPU; use --tensor_parallel_size 1")
-    method = values["quantization"]
-    if method is not None and method.lower() not in ("none", "auto"):
-        raise SettingsError(f"--quantization {method}: quantized weights are not supported yet "
-                            "(they arrive in a later issue); use --quantization none")
-    values["quantization"] = None  # none / auto: the checkpoint's own (unquantized) dtype
+    if values["quantization"] in ("none", "auto"):
+        values["quantization"] = None  # what the checkpoint's config says
 
 
 def _read_password_file(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:

@@ -82,8 +82,16 @@ FLAGS: tuple[Flag, ...] = (
     _f("auto_download", "bool", False, "launcher", M,
        "download the model when it is not in the cache (otherwise that is an error)"),
     _f("quantization", "str", None, "engine", M,
-       "weight quantization: none or auto (quantized checkpoints arrive in a later issue)",
-       optional=True),
+       "weight quantization; unset, none or auto: what the checkpoint's config says (plain "
+       "weights when it says nothing); awq, gptq, squeezellm: a pre-quantized checkpoint of "
+       "that format; fp8, int8, bitsandbytes: a pre-quantized checkpoint, or quantize a "
+       "plain fp16/bf16 model while loading it", optional=True,
+       choices=("none", "auto", "awq", "gptq", "squeezellm", "fp8", "int8", "bitsandbytes",
+                "compressed-tensors")),
+    _f("bnb_quant_type", "str", "nf4", "engine", M,
+       "how --quantization bitsandbytes quantizes a plain model while loading it: 4-bit nf4 "
+       "or fp4, or 8-bit int8 (LLM.int8); a pre-quantized bitsandbytes checkpoint keeps its own",
+       choices=("nf4", "fp4", "int8")),
     _f("dtype", "str", "auto", "engine", M, "compute dtype; auto: the checkpoint's fp16/bf16 on a GPU, float32 on the CPU",
        choices=("auto", "float32", "float16", "bfloat16")),
     _f("max_model_len", "int", 4096, "engine", M,
@@ -150,6 +158,12 @@ FLAGS: tuple[Flag, ...] = (
        "seconds before a request still unanswered gets an error reply", minimum=0),
     _f("num_workers", "int", 4, "agent", S,
        "threads that prepare prompts and publish replies", minimum=1),
+    _f("session_store", "str", "memory", "agent", S,
+       "where session histories live: memory (this process), or redis://HOST:PORT/DB to "
+       "share them between agents", metavar="URL"),
+    _f("shutdown_timeout", "float", 30.0, "agent", S,
+       "on SIGTERM/SIGINT, seconds to finish the requests in flight before the rest are "
+       "answered with an error; a second signal exits at once", minimum=0),
     # MQTT
     _f("mqtt_broker", "str", "localhost", "agent", Q, "broker host name or address",
        metavar="HOST"),
@@ -169,7 +183,27 @@ FLAGS: tuple[Flag, ...] = (
     _f("reconnect_max_delay", "float", 30.0, "agent", Q,
        "longest wait between reconnection attempts (seconds)", minimum=0.1),
     _f("client_id", "str", None, "agent", Q,
-       "MQTT client id; unset: generated, unique per process", optional=True),
+       "MQTT client id; unset: derived from --agent_id, so a restarted agent resumes its "
+       "persistent session", optional=True),
+    _f("session_expiry", "int", 86400, "agent", Q,
+       "seconds the broker keeps this agent's session (subscriptions and queued QoS 1 "
+       "requests) while it is disconnected", minimum=0),
+    _f("mqtt_tls", "bool", False, "agent", Q,
+       "connect to the broker over TLS (certificate verification on)"),
+    _f("mqtt_ca_certs", "str", None, "agent", Q,
+       "CA certificate file (PEM) that signed the broker's certificate; unset: the system's "
+       "CAs", optional=True, metavar="FILE"),
+    _f("mqtt_certfile", "str", None, "agent", Q,
+       "client certificate file (PEM) for brokers that require one", optional=True,
+       metavar="FILE"),
+    _f("mqtt_keyfile", "str", None, "agent", Q,
+       "private key file (PEM) of --mqtt_certfile", optional=True, metavar="FILE"),
+    _f("mqtt_tls_insecure", "bool", False, "agent", Q,
+       "TLS without verifying the broker's certificate and host name (testing only)"),
+    _f("share_group", "str", None, "agent", Q,
+       "subscribe through the shared subscription $share/NAME/<project>/user_input, so that "
+       "several agents split the requests (use a shared --session_store)", optional=True,
+       metavar="NAME"),
     _f("topic_prefix", "str", "", "agent", Q,
        "prefix of every project topic, e.g. clinic1/ (default: none)", metavar="PREFIX"),
     _f("legacy_topics", "bool", False, "agent", Q,
@@ -202,6 +236,11 @@ FLAGS: tuple[Flag, ...] = (
        "> defaults", optional=True, in_yaml=False, metavar="FILE.yaml"),
     _f("log_level", "str", "INFO", "launcher", L, "logging level",
        choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _f("debug_log", "str", None, "launcher", L,
+       "also write every prompt and reply to FILE (the old debug_info.log); they hold "
+       "patient text, so this is off unless asked for", optional=True, metavar="FILE"),
+    _f("debug_log_max_bytes", "int", 10_000_000, "launcher", L,
+       "size at which --debug_log is rotated (one backup, FILE.1)", minimum=1000),
 )
 
 BY_NAME: dict[str, Flag] = {f.name: f for f in FLAGS}

@@ -36,7 +36,8 @@ class EngineConfig:
     max_model_len_limit: int | None = None  # ... but at most this many (a default, not a demand)
     max_num_seqs: int = 32  # sequences in one batch
     max_num_batched_tokens: int = 4096  # tokens in one forward pass (prefill chunks)
-    quantization: str | None = None  # None/"none": the checkpoint's own dtype
+    quantization: str | None = None  # None/"none"/"auto": what the checkpoint's config says
+    bnb_quant_type: str = "nf4"  # --quantization bitsandbytes on a plain model: nf4 | fp4 | int8
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3 | fp8_e5m2
     gpu_memory_utilization: float = 0.9
     cpu_memory_utilization: float = 0.5  # share of psutil's available memory on the CPU

@@ -109,6 +109,7 @@ class LLMEngine:
         from engine.config import ModelConfig
         from engine.device import resolve_device, resolve_dtype
         from engine.loader import load_model
+        from engine.quantization import resolve as resolve_quantization
 
         device = resolve_device(config.device)
         model_config = ModelConfig.from_pretrained(config.model_path)
@@ -116,7 +117,11 @@ class LLMEngine:
         tokenizer = Tokenizer.from_pretrained(
             config.model_path, extra_eos_token_ids=tuple(model_config.eos_token_ids)
         )
-        model = load_model(config.model_path, dtype, device, config=model_config)
+        quant = resolve_quantization(
+            config.quantization, config.model_path, model_config.quantization_config,
+            {"bnb_quant_type": config.bnb_quant_type},
+        )
+        model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)
         kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
         engine = cls(config, tokenizer, model, device, dtype, kv_scales)
         log.info("engine ready: %s on %s (%s, KV cache %s)", config.model_path, device, dtype,

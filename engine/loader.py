@@ -20,7 +20,9 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
+from engine.layers.linear import Linear
 from engine.models import get_model_class
+from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +37,26 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     config: ModelConfig | None = None,
+    quant: QuantConfig | None = None,
 ) -> torch.nn.Module:
-    """Load the checkpoint at ``path`` into our model, in ``dtype`` on ``device``."""
+    """Load the checkpoint at ``path`` into our model, in ``dtype`` on ``device``; the linear
+    layers that ``quant`` quantizes read their own tensors (``QuantLinearMethod.load``)."""
     started = time.monotonic()
     path = Path(path)
     config = config or ModelConfig.from_pretrained(path)
     with torch.device("meta"):
-        model = get_model_class(config.architecture)(config)
+        model = get_model_class(config.architecture)(config, quant)
     params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
+    quant_layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and m.quantized}
     tensor_files = checkpoint_tensor_files(path)
-    _check_names(params, tensor_files, config, path)
+    layer_of = {n: _owning_layer(n, quant_layers) for n in tensor_files}
+    _check_names(params, {n: f for n, f in tensor_files.items() if layer_of[n] is None}, config, path)
 
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, file in tensor_files.items():
-        if name in params:
+        if name in params or layer_of[name] is not None:
             by_file[file].append(name)
+    layer_tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in quant_layers}
     nbytes = 0
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as fh:
@@ -59,6 +66,10 @@ def load_model(
                     raise ValueError(
                         f"{file}: the index lists tensor {name!r} but the file lacks it"
                     )
+                owner = layer_of[name]
+                if owner is not None:
+                    layer_tensors[owner][name[len(owner) + 1 :]] = fh.get_tensor(name)
+                    continue
                 expected = tuple(params[name].shape)
                 actual = tuple(fh.get_slice(name).get_shape())
                 if actual != expected:
@@ -73,22 +84,54 @@ def load_model(
                 _assign(model, name, tensor)
                 nbytes += tensor.numel() * tensor.element_size()
 
+    for prefix, layer in quant_layers.items():
+        tensors = TensorSet(prefix, layer_tensors.pop(prefix))
+        try:
+            layer.quant_method.load(layer, tensors, torch.device(device), dtype)
+            tensors.finish()
+        except QuantFormatError as exc:
+            raise QuantFormatError(f"checkpoint {path} ({quant.describe()}): {exc}") from exc
+        nbytes += sum(t.numel() * t.element_size() for t in layer.buffers())
+
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     assert not still_meta, f"parameters left unfilled: {still_meta}"
     model.eval()
+    fp16_bytes = 2 * sum(t.numel() for t in _unique_params(model)) + 2 * sum(
+        m.in_features * m.out_features + (m.out_features if m.has_bias else 0)
+        for m in quant_layers.values()
+    )
     log.info(
-        "loaded %s (%s, %d layers) from %s: %.1f MiB as %s on %s in %.2fs",
+        "loaded %s (%s, %d layers) from %s: weights %.1f MiB as %s%s on %s (%.2f of the "
+        "%.1f MiB they take in fp16) in %.2fs",
         config.architecture,
         config.torch_dtype,
         config.num_layers,
         path,
         nbytes / 2**20,
         dtype,
+        f", {quant.describe()}" if quant is not None else "",
         device,
+        nbytes / fp16_bytes,
+        fp16_bytes / 2**20,
         time.monotonic() - started,
     )
     return model
+
+
+def _unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return list({id(p): p for p in model.parameters()}.values())
+
+
+def _owning_layer(name: str, quant_layers: dict[str, Linear]) -> str | None:
+    """The quantized layer whose tensor ``name`` is (``...q_proj`` of ``...q_proj.qweight``,
+    also of ``...q_proj.weight.absmax``), or None."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in quant_layers:
+            return prefix
+    return None
 
 
 def checkpoint_tensor_files(path: Path) -> dict[str, Path]:

@@ -11,14 +11,15 @@ from engine.api import EngineConfig, GenerationRequest, GenerationResult, Unsupp
 
 
 def check_supported(config: EngineConfig) -> None:
-    """Raise ``UnsupportedError`` for options this engine version does not implement."""
+    """Raise ``UnsupportedError`` for options this engine does not implement."""
+    from engine.quantization import method_names
+
     quant = config.quantization
-    if quant is not None and quant.lower() != "none":
-        raise UnsupportedError(
-            f"quantization {quant!r} is not supported by this engine version: quantized "
-            "weights come with a later release; serve an unquantized checkpoint "
-            "(quantization: none)"
-        )
+    names = ("none", "auto", "compressed-tensors", *method_names())
+    if quant is not None and quant.lower() not in names:
+        raise UnsupportedError(f"quantization {quant!r} is not supported; choose one of {', '.join(names)}")
+    if config.bnb_quant_type not in ("nf4", "fp4", "int8"):
+        raise UnsupportedError(f"bnb_quant_type must be nf4, fp4 or int8, got {config.bnb_quant_type!r}")
 
 
 def validate_request(request: GenerationRequest, max_model_len: int, vocab_size: int) -> str | None:

@@ -55,7 +55,7 @@ def test_tensor_parallel_is_refused() -> None:
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--quantization", "awq"], "--quantization awq"),
+    (["--quantization", "q4"], "--quantization must be one of"),
     (["--mqtt_port", "x"], "--mqtt_port must be an integer"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--projects", "bad/name"], "invalid project name"),

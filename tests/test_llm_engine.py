@@ -154,12 +154,11 @@ def test_create_engine_and_defaults(path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value", "words"),
-    [("quantization", "awq", "later release")],
+    [("quantization", "awq", "not AWQ-quantized"), ("quantization", "marlin-x", "choose one of")],
 )
 def test_unsupported_options(path: Path, field: str, value: str, words: str) -> None:
-    with pytest.raises(UnsupportedError, match=value) as err:
+    with pytest.raises(UnsupportedError, match=words):
         create_engine(EngineConfig(model_path=str(path), device="cpu", **{field: value}))
-    assert words in str(err.value)
 
 
 def test_batched_greedy_equals_alone_and_is_one_forward_per_step(

@@ -162,8 +162,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv, match", [
     (["--tensor_parallel_size", "2"], "this engine runs a model on one GPU; use --tensor_parallel_size 1"),
-    (["--quantization", "awq"], "--quantization awq: quantized weights .* later issue"),
-    (["--quantization", "gptq"], "--quantization gptq: quantized weights"),
+    (["--quantization", "q4_k"], "--quantization must be one of none, auto, awq, gptq"),
+    (["--bnb_quant_type", "nf8"], "--bnb_quant_type must be one of nf4, fp4, int8"),
     (["--kv_cache_dtype", "int4"], "--kv_cache_dtype must be one of auto, fp8, fp8_e4m3, fp8_e5m2"),
     (["--block_size", "12"], "block_size must be 8, 16, 32, 64 or 128, got 12"),
     (["--block_size", "4"], "--block_size must be >= 8"),
@@ -189,6 +189,11 @@ def test_error_names_the_environment_variable() -> None:
 @pytest.mark.parametrize("value", ["none", "None", "auto", "AUTO"])
 def test_supported_quantization_values(value: str) -> None:
     assert parse("--quantization", value).engine_config("/m").quantization is None
+
+
+@pytest.mark.parametrize("value", ["awq", "GPTQ", "fp8", "bitsandbytes", "compressed-tensors"])
+def test_quantization_methods_reach_the_engine_in_lower_case(value: str) -> None:
+    assert parse("--quantization", value).engine_config("/m").quantization == value.lower()
 
 
 def test_misc_conversions() -> None:

@@ -7,10 +7,13 @@ computes ``x @ W.T + b``. A quantization format is a new method, not a new layer
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.quantization.base import QuantConfig
 
 
 class LinearMethod(Protocol):
@@ -51,5 +54,18 @@ class Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x)
 
+    @property
+    def quantized(self) -> bool:
+        return not isinstance(self.quant_method, UnquantizedLinearMethod)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}, method={type(self.quant_method).__name__}"
+
+
+def make_linear(
+    in_features: int, out_features: int, bias: bool, quant: QuantConfig | None, prefix: str
+) -> Linear:
+    """A ``Linear`` with the quantization method ``quant`` gives the layer named ``prefix``
+    (plain weights without ``quant`` or for layers it leaves alone, such as ``lm_head``)."""
+    method = quant.linear_method(prefix) if quant is not None and quant.quantizes(prefix) else None
+    return Linear(in_features, out_features, bias=bias, quant_method=method)

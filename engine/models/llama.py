@@ -18,20 +18,22 @@ from engine.config import ModelConfig
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
-from engine.layers.linear import Linear
+from engine.layers.linear import make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.quantization.base import QuantConfig
 
 
 class LlamaAttention(torch.nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig | None, prefix: str) -> None:
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        q_out, kv_out, bias = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.attention_bias
+        self.q_proj = make_linear(c.hidden_size, q_out, bias, quant, f"{prefix}.q_proj")
+        self.k_proj = make_linear(c.hidden_size, kv_out, bias, quant, f"{prefix}.k_proj")
+        self.v_proj = make_linear(c.hidden_size, kv_out, bias, quant, f"{prefix}.v_proj")
+        self.o_proj = make_linear(q_out, c.hidden_size, False, quant, f"{prefix}.o_proj")
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -59,24 +61,25 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None, prefix: str) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(h, i, bias=bias)
-        self.up_proj = Linear(h, i, bias=bias)
-        self.down_proj = Linear(i, h, bias=bias)
+        self.gate_proj = make_linear(h, i, bias, quant, f"{prefix}.gate_proj")
+        self.up_proj = make_linear(h, i, bias, quant, f"{prefix}.up_proj")
+        self.down_proj = make_linear(i, h, bias, quant, f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig | None) -> None:
         super().__init__()
+        prefix = f"model.layers.{layer_idx}"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_idx)
+        self.self_attn = LlamaAttention(config, layer_idx, quant, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp")
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata
@@ -86,11 +89,11 @@ class LlamaDecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, quant) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
@@ -109,11 +112,11 @@ class LlamaForCausalLM(torch.nn.Module):
     """``forward(input_ids [T], positions [T], ctx) -> hidden [T, hidden]``;
     ``compute_logits(hidden [n, hidden]) -> float32 logits [n, vocab]``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, quant)
+        self.lm_head = make_linear(config.hidden_size, config.vocab_size, False, quant, "lm_head")
         self.tie_weights()
 
     def tie_weights(self) -> None:
