@@ -3,6 +3,8 @@
     python bench/engine.py                           # tiny random qwen2 checkpoint, CPU
     python bench/engine.py --shape small             # a larger random qwen2 (hidden 512, 4 layers)
     python bench/engine.py --model ./Qwen2.5-7B --device cuda --dtype bfloat16
+    python bench/engine.py --shape llama2-7b --layers 4 --device cuda --dtype float16 \
+        --quantization fp8 --skip_naive        # real layer shapes, random weights, fewer layers
 
 For each concurrency (``--concurrency``, default 1,8,32,64) every side gets the
 same greedy requests (``ignore_eos``: each generates exactly ``--max_tokens``):
@@ -16,6 +18,14 @@ Tokens/s is generated tokens over wall time; TTFT is the mean over requests of t
 time from the common start to the request's first token (naive: requests wait for
 the ones before them; padded: one prefill for all). A multi-turn table then shows
 the second turn's TTFT of several sessions with prefix caching on and off.
+
+On CUDA a decode table follows: our decode tokens/s (tokens after the first, over the
+time after the last request's first token) against the memory-bandwidth bound (each
+decode step reads every weight once: batch x copy bandwidth / weight bytes; the KV
+cache reads are left out, so the bound is optimistic). With ``--quantization`` our
+engine serves the quantized model (fp8/int8/bitsandbytes quantize the random fp16
+checkpoint while loading; awq/gptq use a random checkpoint of that format) while
+transformers runs the fp16 checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import create_engine  # noqa: E402
 from engine.api import EngineConfig, SamplingParams  # noqa: E402
+from engine.kv_setup import model_bytes  # noqa: E402
 from engine.tiny_checkpoint import cached_tiny_checkpoint  # noqa: E402
 
 WORDS = [
@@ -61,6 +72,14 @@ SHAPES = {
         num_attention_heads=8,
         num_key_value_heads=2,
     ),
+    # real layer shapes (random weights, the tiny tokenizer's 512-token vocabulary);
+    # --layers sets how many layers
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                      num_key_value_heads=32, max_position_embeddings=4096),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                       num_key_value_heads=40, max_position_embeddings=4096),
+    "qwen2.5-32b": dict(hidden_size=5120, intermediate_size=27648, num_attention_heads=40,
+                        num_key_value_heads=8, max_position_embeddings=4096),
 }
 
 
@@ -135,14 +154,16 @@ class HF:
         return total, statistics.mean(s + f for s, f in zip(starts, first_token, strict=True))
 
 
-def ours(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
-    """(seconds for all, mean TTFT) with every request submitted at once."""
+def ours(engine, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, float]:
+    """(seconds for all, mean TTFT, decode tokens/s) with every request submitted at once."""
     sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     results = engine.generate(prompts, sampling)
     total = time.perf_counter() - t0
     assert all(len(r.token_ids) == max_tokens for r in results), "a request stopped early"
-    return total, statistics.mean(r.ttft_s for r in results)
+    decode_s = total - max(r.ttft_s for r in results)
+    decode = len(results) * (max_tokens - 1) / decode_s if decode_s > 0 else float("nan")
+    return total, statistics.mean(r.ttft_s for r in results), decode
 
 
 def median_run(fn, repeats: int) -> tuple[float, float]:
@@ -188,7 +209,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="checkpoint folder (default: a random qwen2 of --shape)")
-    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="layers of a --shape model")
+    parser.add_argument("--quantization", default=None,
+                        help="fp8, int8, bitsandbytes (quantized while loading) or awq, gptq "
+                        "(a random checkpoint of that format)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--concurrency", default="1,8,32,64")
@@ -201,16 +226,29 @@ def main() -> None:
     parser.add_argument(
         "--skip_naive", action="store_true", help="leave out transformers one-at-a-time"
     )
+    parser.add_argument("--skip_multi_turn", action="store_true", help="leave out the multi-turn table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    path = Path(args.model) if args.model else cached_tiny_checkpoint("qwen2", **SHAPES[args.shape])
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    arch = "llama" if args.shape.startswith("llama") else "qwen2"
+    path = Path(args.model) if args.model else cached_tiny_checkpoint(arch, **shape)
+    engine_path = path
+    quant = args.quantization
+    if quant in ("awq", "gptq"):
+        from bench.random_quantized import random_quantized_checkpoint
+
+        engine_path, quant = random_quantized_checkpoint(path, quant), None
     levels = [int(c) for c in args.concurrency.split(",")]
     config = EngineConfig(
-        model_path=str(path), device=args.device, dtype=args.dtype, max_num_seqs=max(levels)
+        model_path=str(engine_path), device=args.device, dtype=args.dtype, max_num_seqs=max(levels),
+        quantization=quant,
     )
     engine = create_engine(config)
+    weight_bytes = model_bytes(engine.runner.model)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     pad = engine.tokenizer.hf.pad_token_id
     hf = HF(path, dtype, device, engine.tokenizer.hf.eos_token_id if pad is None else pad)
@@ -234,13 +272,16 @@ def main() -> None:
                 our[1] * 1e3,
                 naive[1] * 1e3,
                 pad_run[1] * 1e3,
+                our[2],
             )
         )
     engine.shutdown()
 
+    layers = shape.get("num_hidden_layers", 2 if args.shape == "tiny" else 4)
     print(
-        f"\nmodel: {path.name} ({args.shape if not args.model else 'given'})  device: {args.device}  "
-        f"dtype: {args.dtype}  torch threads: {torch.get_num_threads()}"
+        f"\nmodel: {path.name} ({args.shape + f', {layers} layers' if not args.model else 'given'})  "
+        f"device: {args.device}  dtype: {args.dtype}  ours: {args.quantization or 'unquantized'}, "
+        f"weights {weight_bytes / 2**20:.0f} MiB  torch threads: {torch.get_num_threads()}"
     )
     print(
         f"greedy, {args.max_tokens} new tokens per request, prompts {lo}-{hi} tokens, "
@@ -251,12 +292,25 @@ def main() -> None:
         "| ours TTFT ms | HF naive TTFT ms | HF padded TTFT ms |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, o, nv, pd, t_o, t_nv, t_pd in rows:
+    for n, o, nv, pd, t_o, t_nv, t_pd, _ in rows:
         print(
             f"| {n} | {o:.0f} | {nv:.0f} | {pd:.0f} | {o / nv:.2f}x | {o / pd:.2f}x "
             f"| {t_o:.1f} | {t_nv:.1f} | {t_pd:.1f} |"
         )
+    if device.type == "cuda":
+        from bench.kernels import ceilings
 
+        bandwidth, _ = ceilings(device)
+        print(f"\ndecode vs the bandwidth bound (copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
+              f"weights {weight_bytes / 2**20:.0f} MiB read per step)\n")
+        print("| concurrent | decode tok/s | bound tok/s | % of bound |")
+        print("|---:|---:|---:|---:|")
+        for n, *_, decode in rows:
+            bound = n * bandwidth / weight_bytes
+            print(f"| {n} | {decode:.0f} | {bound:.0f} | {100 * decode / bound:.0f}% |")
+
+    if args.skip_multi_turn:
+        return
     sessions = min(8, max(levels))
     print(
         f"\nmulti-turn: {sessions} sessions, a shared 160-token system prompt, "
