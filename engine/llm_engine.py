@@ -32,6 +32,7 @@ from engine.api import (
     SamplingParams,
 )
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import DecodeGraphs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_stats import EngineStats
 from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
@@ -42,6 +43,8 @@ from engine.tokenizer import Tokenizer
 from engine.validation import check_supported, empty_result, validate_request
 
 log = logging.getLogger(__name__)
+
+IDLE_TICK_S = 1.0  # an idle loop still wakes this often, so its heartbeat stays fresh
 
 
 @dataclass
@@ -80,7 +83,11 @@ class LLMEngine:
         self.vocab_size = int(model.config.vocab_size)
         self.memory_plan = plan_kv_cache(model, config, device, dtype, self.max_model_len)
         kv_cache = allocate_kv_cache(model, self.memory_plan, config, device, dtype, kv_scales)
-        self.runner = ModelRunner(model, kv_cache, device, seed=config.seed)
+        graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            graphs = DecodeGraphs(model, model.config.hidden_size, dtype, device,
+                                  config.max_num_seqs, self.max_model_len, config.block_size)
+        self.runner = ModelRunner(model, kv_cache, device, seed=config.seed, graphs=graphs)
         self.block_manager = BlockManager(
             self.memory_plan.num_blocks, config.block_size,
             project_shares=dict(config.project_shares) or None,
@@ -101,6 +108,7 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
+        self._heartbeat = time.monotonic()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -135,6 +143,7 @@ class LLMEngine:
             if self._closed:
                 raise EngineError("the engine is shut down")
             if self._thread is None:
+                self._heartbeat = time.monotonic()
                 self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
                 self._thread.start()
 
@@ -166,6 +175,12 @@ class LLMEngine:
         out["kv_blocks_free"] = self.block_manager.num_free_blocks
         out["kv_blocks_by_project"] = self.block_manager.usage_by_project()
         return out
+
+    def last_progress(self) -> float:
+        """``time.monotonic()`` of the loop's latest iteration: it ticks at least every
+        ``IDLE_TICK_S`` while idle and once per forward pass while busy, so an old value
+        means a hung loop (the agent's systemd watchdog reads it)."""
+        return self._heartbeat
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; every outstanding request finishes with ``"cancelled"``."""
@@ -218,6 +233,7 @@ class LLMEngine:
         log.debug("engine loop started")
         stop = False
         while not stop:
+            self._heartbeat = time.monotonic()
             try:
                 stop = self._drain_inbox(block=not self.scheduler.has_unfinished())
                 if not stop and self.scheduler.has_unfinished():
@@ -232,7 +248,7 @@ class LLMEngine:
         stop = False
         while True:
             try:
-                kind, payload, t = self._inbox.get(block=block)
+                kind, payload, t = self._inbox.get(block=block, timeout=IDLE_TICK_S if block else None)
             except queue.Empty:
                 return stop
             block = False

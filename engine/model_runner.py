@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import PagedKVCache
 from engine.layers.attention import AttentionMetadata
 from engine.sampler import Sampler
@@ -32,8 +33,10 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         device: torch.device,
         seed: int = 0,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs  # decode-only batches replay CUDA graphs when set
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device
@@ -80,7 +83,10 @@ class ModelRunner:
         if batch.is_empty:
             return []
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, meta)  # [T, hidden]
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(input_ids, positions, meta)  # [B, hidden]
+        else:
+            hidden = self.model.forward(input_ids, positions, meta)  # [T, hidden]
         rows = [i for i, produces in enumerate(batch.produces_token) if produces]
         out: list[int | None] = [None] * len(batch.seqs)
         if not rows:
