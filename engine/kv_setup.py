@@ -21,7 +21,11 @@ from engine.memory import MemoryPlan, estimate_activation_bytes, plan_memory
 
 log = logging.getLogger(__name__)
 
-KV_SCALE_NAME = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_scale|v_scale|kv_scale)$")
+# self_attn.k_scale / v_scale / kv_scale, also under the projection (k_proj.k_scale), and
+# AutoFP8's k_proj.output_scale / v_proj.output_scale
+KV_SCALE_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.(?:([kv])_proj\.)?(k_scale|v_scale|kv_scale|output_scale)$"
+)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -31,21 +35,27 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def read_kv_scales(tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[list[float], list[float]] | None:
     """Per-layer K and V scales from checkpoint tensors named like
-    ``model.layers.N.self_attn.k_scale`` / ``v_scale`` (or one ``kv_scale`` for both)."""
+    ``model.layers.N.self_attn.k_scale`` / ``v_scale`` (or one ``kv_scale`` for both, or
+    ``k_proj.output_scale`` / ``v_proj.output_scale``). A layer with only one of the two
+    uses the larger for both (FORMATS.md)."""
     k: dict[int, float] = {}
     v: dict[int, float] = {}
     for name, tensor in tensors.items():
         match = KV_SCALE_NAME.match(name)
         if match is None:
             continue
-        layer, kind = int(match.group(1)), match.group(2)
+        layer, proj, kind = int(match.group(1)), match.group(2), match.group(3)
+        if kind == "output_scale":
+            kind = "k_scale" if proj == "k" else "v_scale"
         value = float(tensor.float().max())
         if kind in ("k_scale", "kv_scale"):
-            k[layer] = value
+            k[layer] = max(value, k.get(layer, value))
         if kind in ("v_scale", "kv_scale"):
-            v[layer] = value
+            v[layer] = max(value, v.get(layer, value))
     if not k and not v:
         return None
+    for layer in set(k) ^ set(v):  # only one of the two: both take it
+        k[layer] = v[layer] = max(k.get(layer, 0.0), v.get(layer, 0.0))
     layers = set(range(num_layers))
     if set(k) != layers or set(v) != layers:
         raise ValueError(

@@ -108,6 +108,7 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
+        self.quantization = "none"  # the weights' method as loaded (from_config sets it)
         self._heartbeat = time.monotonic()
 
     @classmethod
@@ -132,6 +133,7 @@ class LLMEngine:
         model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)
         kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
         engine = cls(config, tokenizer, model, device, dtype, kv_scales)
+        engine.quantization = quant.describe() if quant is not None else "none"
         log.info("engine ready: %s on %s (%s, KV cache %s)", config.model_path, device, dtype,
                  engine.runner.kv_cache.cache_dtype)
         return engine

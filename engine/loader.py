@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
+from engine.kv_setup import KV_SCALE_NAME
 from engine.layers.linear import Linear
 from engine.models import get_model_class
 from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the model computes itself, and the fp8 KV-cache
 # scales (``engine.kv_setup.load_kv_scales`` reads those).
-_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^model\.layers\.\d+\.self_attn\.(k|v|kv)_scale$")
+_HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _MAX_LISTED = 10
 
 
@@ -49,7 +50,8 @@ def load_model(
     params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
     quant_layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and m.quantized}
     tensor_files = checkpoint_tensor_files(path)
-    layer_of = {n: _owning_layer(n, quant_layers) for n in tensor_files}
+    layer_of = {n: None if KV_SCALE_NAME.match(n) else _owning_layer(n, quant_layers)
+                for n in tensor_files}
     _check_names(params, {n: f for n, f in tensor_files.items() if layer_of[n] is None}, config, path)
 
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -175,7 +177,7 @@ def _check_names(
     def ignored(name: str) -> bool:
         # A tied checkpoint may still store lm_head.weight; like transformers, use the embedding.
         tied_head = config.tie_word_embeddings and name == "lm_head.weight"
-        return tied_head or bool(_HARMLESS.search(name))
+        return tied_head or bool(_HARMLESS.search(name) or KV_SCALE_NAME.match(name))
 
     missing = sorted(set(params) - set(tensor_files))
     unexpected = sorted(n for n in tensor_files if n not in params and not ignored(n))

@@ -9,6 +9,9 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.requirements-stamp"
 PYTHON="${PYTHON:-python3}"
 TORCH_PIN="torch==2.13.0"  # first, alone: on CPU machines pip takes the local CPU build
+# AutoAWQ's packing utilities are the tests' oracle of the AWQ layout; without --no-deps it
+# would pull in accelerate, datasets and more
+AUTOAWQ_PIN="autoawq==0.2.9"
 
 say() { echo "setup: $*" >&2; }
 
@@ -38,8 +41,21 @@ ensure_mosquitto() {
     command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || apt_install mosquitto
 }
 
+# The tests of the shared session store (--session_store redis://...) talk to a real Redis
+# on 127.0.0.1:6379; only the test set-up needs it.
+ensure_redis() {
+    redis_up() { "$VENV/bin/python" -c 'import socket; socket.create_connection(("127.0.0.1", 6379), 1)' 2>/dev/null; }
+    redis_up && return 0
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server || return 1
+    say "starting redis-server on 127.0.0.1:6379 (nothing kept on disk)"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null \
+        || { say "cannot start redis-server"; return 1; }
+    for _ in 1 2 3 4 5 6 7 8 9 10; do redis_up && return 0; sleep 0.5; done
+    say "redis-server did not come up on 127.0.0.1:6379"; return 1
+}
+
 requirements_hash() {
-    { echo "$TORCH_PIN"; "$PYTHON" -c 'import sys; print(sys.version)'
+    { echo "$TORCH_PIN $AUTOAWQ_PIN"; "$PYTHON" -c 'import sys; print(sys.version)'
       cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"; } | sha256sum | cut -d' ' -f1
 }
 
@@ -57,6 +73,7 @@ ensure_venv() {
     rm -f "$STAMP"
     "$VENV/bin/python" -m pip install -q "$TORCH_PIN" \
         && "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt" \
+        && "$VENV/bin/python" -m pip install -q --no-deps "$AUTOAWQ_PIN" \
         || { say "pip install failed (see above)"; return 1; }
     echo "$want" > "$STAMP"
 }

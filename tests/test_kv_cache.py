@@ -91,3 +91,20 @@ def test_metadata_build() -> None:
     assert ragged.slot_mapping.tolist() == [20, 0]
     empty = AttentionMetadata.build([], [], [], 4, "cpu")
     assert empty.num_tokens == 0 and empty.block_tables.shape == (0, 1)
+
+
+def test_kv_scale_names_of_every_tool() -> None:
+    """self_attn.k_scale/v_scale, kv_scale for both, AutoFP8's k_proj/v_proj.output_scale,
+    and a layer with only one of the two (both take it)."""
+    from engine.kv_setup import read_kv_scales
+
+    t = torch.tensor
+    got = read_kv_scales({
+        "model.layers.0.self_attn.k_scale": t(0.5), "model.layers.0.self_attn.v_scale": t(0.25),
+        "model.layers.1.self_attn.kv_scale": t(2.0),
+        "model.layers.2.self_attn.k_proj.output_scale": t([0.75]),
+        "model.layers.2.self_attn.v_proj.output_scale": t([1.5]),
+        "model.layers.3.self_attn.k_proj.k_scale": t(3.0),
+        "model.layers.3.self_attn.o_proj.weight": t(9.0),  # not a scale
+    }, 4)
+    assert got == ([0.5, 2.0, 0.75, 3.0], [0.25, 2.0, 1.5, 3.0])

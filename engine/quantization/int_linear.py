@@ -1,0 +1,149 @@
+"""What AWQ, GPTQ and SqueezeLLM share: reading their config keys, the optional bias, and
+the runtime multiply on the packed layout of ``kernels.int_gemm_ref`` / ``kernels.lut_gemm_ref``.
+
+Runtime buffers of a layer (registered on it, so ``.to()`` and ``state_dict`` see them):
+``qweight`` int32 packed along K, then ``scales`` + ``zeros`` (integer GEMM) or ``lut``
+(lookup-table GEMM); ``perm`` [K] when the input channels were sorted (GPTQ act-order);
+``dense_weight`` [K, N] instead of all of these when no packed form fits; ``bias``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
+from kernels.int_gemm_ref import dequantize_int, int_gemm_ref
+from kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
+
+if TYPE_CHECKING:
+    from engine.layers.linear import Linear
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------- config keys
+
+
+def read_int(
+    raw: dict[str, Any], keys: tuple[str, ...], source: str, default: int | None = None
+) -> int:
+    """The first of ``keys`` present in ``raw`` as an int (``default`` if none is)."""
+    for key in keys:
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise QuantFormatError(f"{source}: {key!r} must be an integer, got {value!r}")
+            return value
+    if default is None:
+        raise QuantFormatError(f"{source}: missing {' or '.join(map(repr, keys))}")
+    return default
+
+
+def read_bool(raw: dict[str, Any], key: str, source: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise QuantFormatError(f"{source}: {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def check_group_size(group_size: int, key: str, source: str) -> None:
+    if group_size != -1 and group_size <= 0:
+        raise QuantFormatError(
+            f"{source}: {key!r} must be a positive group size or -1 (one group), got {group_size}"
+        )
+
+
+def no_raw_config(method: str) -> QuantFormatError:
+    return QuantFormatError(
+        f"{method} cannot quantize a plain model at load time: serve a pre-quantized {method} "
+        "checkpoint, or use --quantization bitsandbytes, fp8 or int8"
+    )
+
+
+# ----------------------------------------------------------------------------- linear methods
+
+
+class PackedLinearMethod(QuantLinearMethod):
+    """Shared ``create_weights``/``apply``/``dequantize`` of the integer and LUT methods.
+
+    Subclasses' ``load`` registers the buffers and sets ``runtime_bits``/``group_size``
+    (integer GEMM) or ``lut_gemm`` (lookup table)."""
+
+    runtime_bits: int = 4
+    group_size: int = 0
+    lut_gemm: bool = False
+
+    def create_weights(self, layer: Linear) -> None:
+        layer.register_buffer("bias", None)  # a buffer slot that ``load`` fills (or not)
+
+    def load_bias(
+        self, layer: Linear, tensors: TensorSet, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        if layer.has_bias:
+            bias = tensors.take("bias", (layer.out_features,), FLOAT_DTYPES)
+            layer.register_buffer("bias", bias.to(device=device, dtype=dtype))
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, layer.in_features)
+        perm = getattr(layer, "perm", None)
+        if perm is not None:
+            x = x.index_select(1, perm)
+        dense = getattr(layer, "dense_weight", None)
+        if dense is not None:
+            y = x @ dense.to(x.dtype)
+            if layer.bias is not None:
+                y = y + layer.bias.to(x.dtype)
+        elif self.lut_gemm:
+            y = _lut_gemm(x)(x, layer.qweight, layer.lut, layer.bias)
+        else:
+            gemm = _int_gemm(x)
+            y = gemm(
+                x,
+                layer.qweight,
+                layer.scales,
+                layer.zeros,
+                self.runtime_bits,
+                self.group_size,
+                layer.bias,
+            )
+        return y.reshape(*shape[:-1], layer.out_features)
+
+    @torch.no_grad()
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        """The layer's weight ``W [K, N]`` in float32 (``y = x W + b``) from its runtime
+        buffers, in the checkpoint's input-channel order."""
+        k = layer.in_features
+        dense = getattr(layer, "dense_weight", None)
+        if dense is not None:
+            w = dense.float()
+        elif self.lut_gemm:
+            w = dequantize_lut(layer.qweight, layer.lut, k)
+        else:
+            w = dequantize_int(
+                layer.qweight, layer.scales, layer.zeros, self.runtime_bits, self.group_size, k
+            )
+        perm = getattr(layer, "perm", None)
+        if perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[perm] = w  # runtime row i is checkpoint row perm[i]
+        return out
+
+
+def _int_gemm(x: torch.Tensor):
+    if x.is_cuda:
+        from kernels.int_gemm import int_gemm  # Triton: only where there is a GPU
+
+        return int_gemm
+    return int_gemm_ref
+
+
+def _lut_gemm(x: torch.Tensor):
+    if x.is_cuda:
+        from kernels.lut_gemm import lut_gemm
+
+        return lut_gemm
+    return lut_gemm_ref

@@ -1,0 +1,67 @@
+"""Torch reference of the INT8 W8A8 linear (:mod:`kernels.int8_gemm`).
+
+``y[t, n] = (sum_k (xq[t, k] - zp) wq[n, k]) * sx[t] * sw[n] + bias[n]``: ``sx`` per token
+(dynamic, symmetric, ``zp = 0``) or one static scale with an optional zero point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.act_quant_ref import quantize_int8_per_token_ref, quantize_int8_static_ref
+
+
+def check_int8_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None,
+    input_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> None:
+    """Clear errors for what a loader can get wrong."""
+    if x.dim() != 2:
+        raise ValueError(f"int8_linear: x must be [M, K], got shape {list(x.shape)}")
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"int8_linear: weight must be int8 [N, K], got {weight.dtype} {list(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"int8_linear: x has K={x.shape[1]} but weight [N, K] has K={k}")
+    if weight_scale.numel() not in (1, n):
+        raise ValueError(f"int8_linear: weight_scale must be (1,) or ({n}, 1), got {list(weight_scale.shape)}")
+    if input_scale is not None and input_scale.numel() != 1:
+        raise ValueError(f"int8_linear: input_scale must be (1,), got {list(input_scale.shape)}")
+    if input_zero_point is not None and (input_scale is None or input_zero_point.numel() != 1):
+        raise ValueError("int8_linear: input_zero_point needs a static input_scale and must be (1,)")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"int8_linear: bias must be ({n},), got {list(bias.shape)}")
+
+
+def quantize_int8_input_ref(
+    x: torch.Tensor, input_scale: torch.Tensor | None, input_zero_point: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq int8 [M, K], scale float32 [M, 1] or (1, 1))`` as the fast path quantizes."""
+    if input_scale is None:
+        return quantize_int8_per_token_ref(x)
+    return quantize_int8_static_ref(x, input_scale, input_zero_point), input_scale.float().reshape(1, 1)
+
+
+def int8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    input_zero_point: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integer products summed exactly (float64 holds them: |sum| < 2^53), scaled in float32."""
+    check_int8_args(x, weight, weight_scale, input_scale, input_zero_point, bias)
+    xq, sx = quantize_int8_input_ref(x, input_scale, input_zero_point)
+    xi = xq.double()
+    if input_zero_point is not None:
+        xi = xi - input_zero_point.double().reshape(1)
+    acc = (xi @ weight.double().T).float()  # [M, N], exact integers (rounded to fp32 once)
+    y = acc * sx * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
