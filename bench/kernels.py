@@ -56,11 +56,10 @@ def ceilings(device: torch.device) -> tuple[float, float]:
 
 def cases(m: int, k: int, n: int, device: torch.device) -> list[Case]:
     """Every method on one shape, with its inputs made once."""
-    from kernels.int_gemm import int_gemm
-    from kernels.lut_gemm import lut_gemm
-
     from kernels.fp8_gemm import fp8_linear
     from kernels.int8_gemm import int8_linear
+    from kernels.int_gemm import int_gemm
+    from kernels.lut_gemm import lut_gemm
 
     half = torch.float16
     x = torch.randn(m, k, device=device, dtype=half)

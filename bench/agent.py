@@ -1,0 +1,228 @@
+"""The agent's own cost: requests/s and added latency against a bare paho echo responder.
+
+    python bench/agent.py                       # 1, 10 and 100 concurrent clients, 4 s each
+    python bench/agent.py --clients 10 --seconds 10 --log_level WARNING
+
+A private Mosquitto is started on a free port. Two services run beside it, each
+in its own process: the agent (projects ``general``) with an *instant* engine
+(it answers ``pong`` from inside ``submit``: no model, no timer thread), and the
+floor any Python MQTT service pays: a paho client that subscribes, reads the
+request's ``replyTopic`` and publishes the payload back there (QoS 1). The load
+generator, a third process, runs N closed-loop clients (each sends its next
+request when the reply to the last one arrives; every request a new session, so
+no rate limit or history), spread over at most 10 connections, QoS 1 both
+ways. For each N the echo run goes first, then the agent's; the first second of
+each run is warm-up and is not counted. Added latency is the agent's percentile
+minus the echo's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import paho.mqtt.client as mqtt  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from tests.mqtt_broker import start_broker  # noqa: E402
+
+MAX_CONNECTIONS = 10
+WARMUP_S = 1.0
+SERVICES = {"echo": "echo/user_input", "agent": "general/user_input"}
+
+
+# ---------------------------------------------------------------- services (child processes)
+
+
+def _connect(port: int, client_id: str) -> mqtt.Client:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.on_socket_open = _no_delay  # as the agent's own connection does
+    client.connect("127.0.0.1", port)
+    return client
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def serve_echo(port: int) -> None:
+    client = _connect(port, "bench-echo")
+
+    def on_message(c: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        c.publish(json.loads(message.payload)["replyTopic"], message.payload, qos=1)
+
+    subscribed = threading.Event()
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.loop_start()
+    client.subscribe(SERVICES["echo"], qos=1)
+    subscribed.wait(10)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    client.disconnect()
+    client.loop_stop()
+
+
+class InstantEngine:
+    """The engine interface, answering at once: what is left to measure is the agent."""
+
+    def __init__(self) -> None:
+        from tests.fake_engine import tiny_tokenizer
+
+        self.tokenizer = tiny_tokenizer()
+        self.max_model_len = 4096
+        self._reply_ids = self.tokenizer.encode("pong")
+
+    def start(self) -> None: ...
+    def shutdown(self) -> None: ...
+    def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict:
+        return {}
+
+    def token_budget(self, project: str) -> int:
+        return self.max_model_len
+
+    def submit(self, request: object) -> None:
+        from engine.api import GenerationResult
+
+        request.on_done(GenerationResult(  # type: ignore[attr-defined]
+            request.request_id, "pong", list(self._reply_ids), "stop",  # type: ignore[attr-defined]
+            len(request.prompt_token_ids)))  # type: ignore[attr-defined]
+
+
+def serve_agent(port: int, log_level: str, log_file: str) -> None:
+    logging.basicConfig(level=log_level, filename=log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.app import Agent
+    from agent.config import AgentConfig
+
+    config = AgentConfig(projects=("general",), mqtt_broker="127.0.0.1", mqtt_port=port,
+                         agent_id="bench", max_queue=100_000, max_requests_per_session=10**6,
+                         stats_interval=0, connect_timeout=10)
+    with Agent(config, InstantEngine()):  # type: ignore[arg-type]
+        print("ready", flush=True)
+        sys.stdin.read()
+
+
+# ---------------------------------------------------------------- load generator
+
+
+class Load:
+    """N closed-loop clients over at most MAX_CONNECTIONS connections."""
+
+    def __init__(self, port: int, service: str, n: int) -> None:
+        self.request_topic = SERVICES[service]
+        self.n = n
+        self.running = False
+        self.lock = threading.Lock()
+        self.sent_at: dict[int, float] = {}
+        self.seq = [0] * n
+        self.latencies: list[tuple[float, float]] = []  # (finished at, seconds)
+        self.conns = [_connect(port, f"bench-load-{service}-{n}-{i}")
+                      for i in range(min(n, MAX_CONNECTIONS))]
+        for i, conn in enumerate(self.conns):
+            done = threading.Event()
+            conn.on_subscribe = lambda *a, done=done: done.set()
+            conn.on_message = self._on_reply
+            conn.loop_start()
+            conn.subscribe([(self._reply_topic(c), 1) for c in range(i, n, len(self.conns))])
+            assert done.wait(10), "no SUBACK"
+
+    @staticmethod
+    def _reply_topic(c: int) -> str:
+        return f"general/assistant_response/bench/c{c}"
+
+    def _send(self, c: int) -> None:
+        self.seq[c] += 1
+        payload = json.dumps({"sessionId": f"c{c}-{self.seq[c]}", "message": "ping",
+                              "replyTopic": self._reply_topic(c)})
+        self.sent_at[c] = time.perf_counter()
+        self.conns[c % len(self.conns)].publish(self.request_topic, payload, qos=1)
+
+    def _on_reply(self, conn: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        now = time.perf_counter()
+        c = int(message.topic.rsplit("c", 1)[1])
+        with self.lock:
+            self.latencies.append((now, now - self.sent_at[c]))
+            if self.running:
+                self._send(c)
+
+    def run(self, seconds: float) -> tuple[float, float, float]:
+        """Requests/s, p50 and p99 latency (ms) after the warm-up."""
+        self.running = True
+        with self.lock:
+            for c in range(self.n):
+                self._send(c)
+        start = time.perf_counter()
+        time.sleep(WARMUP_S + seconds)
+        with self.lock:
+            self.running = False
+        time.sleep(0.5)  # let the last replies drain
+        counted = sorted(lat for at, lat in self.latencies
+                         if start + WARMUP_S <= at <= start + WARMUP_S + seconds)
+        for conn in self.conns:
+            conn.disconnect()
+            conn.loop_stop()
+        if not counted:
+            raise RuntimeError("no replies: is the service up?")
+        pick = lambda q: counted[min(len(counted) - 1, int(q * len(counted)))] * 1000  # noqa: E731
+        return len(counted) / seconds, pick(0.50), pick(0.99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default="1,10,100", help="concurrencies, comma-separated")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run")
+    parser.add_argument("--log_level", default="INFO", help="the agent's log level (to a file)")
+    parser.add_argument("--serve", choices=list(SERVICES), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--log_file", default="/dev/null", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve == "echo":
+        return serve_echo(args.port)
+    if args.serve == "agent":
+        return serve_agent(args.port, args.log_level, args.log_file)
+
+    # Mosquitto's default leaves Nagle on: a reply written after the request's PUBACK then
+    # waits ~40 ms for a delayed ACK. Production brokers (and ours, see docs) turn it off.
+    broker = start_broker(listener_options=["set_tcp_nodelay true"])
+    children = []
+    try:
+        for kind in SERVICES:
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--serve", kind, "--port", str(broker.port),
+                 "--log_level", args.log_level, "--log_file", str(broker.workdir / "agent.log")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            children.append(child)
+            assert child.stdout is not None and child.stdout.readline().strip() == "ready", kind
+        rows = []
+        for n in (int(x) for x in args.clients.split(",")):
+            echo = Load(broker.port, "echo", n).run(args.seconds)
+            agent = Load(broker.port, "agent", n).run(args.seconds)
+            rows.append((n, echo, agent))
+            print(f"{n} clients: echo {echo[0]:.0f}/s, agent {agent[0]:.0f}/s", file=sys.stderr)
+    finally:
+        for child in children:
+            child.communicate("", timeout=30)
+        broker.stop()
+    print("| clients | echo req/s | agent req/s | agent / echo | echo p50 ms | agent p50 ms "
+          "| added p50 ms | echo p99 ms | agent p99 ms | added p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, (e_rps, e50, e99), (a_rps, a50, a99) in rows:
+        print(f"| {n} | {e_rps:.0f} | {a_rps:.0f} | {a_rps / e_rps:.0%} | {e50:.2f} | {a50:.2f} "
+              f"| {a50 - e50:+.2f} | {e99:.2f} | {a99:.2f} | {a99 - e99:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
