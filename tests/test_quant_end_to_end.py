@@ -136,3 +136,40 @@ def test_a_flag_that_contradicts_the_checkpoint_is_refused(checkpoints) -> None:
     with pytest.raises(UnsupportedError, match=r"not AWQ-quantized .*; use --quantization bitsandbytes"):
         create_engine(EngineConfig(model_path=str(tiny_checkpoint("llama")), device="cpu",
                                    quantization="awq"))
+
+
+def test_int4_weights_take_at_most_030_of_fp16() -> None:
+    """Memory accounting: a 4096 x 4096 AWQ layer (group 128) as loaded for the kernels
+    (qweight, scales, zeros) takes at most 0.30 of its fp16 bytes."""
+    from engine.layers.linear import Linear
+    from engine.quantization.awq import AWQConfig
+    from engine.quantization.base import TensorSet
+    from engine.quantization.packing import pack_awq
+
+    k = n = 4096
+    config = AWQConfig.from_checkpoint(
+        {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+        "config.json", {})
+    with torch.device("meta"):
+        layer = Linear(k, n, quant_method=config.linear_method("model.layers.0.mlp.up_proj"))
+    gen = torch.Generator().manual_seed(0)
+    tensors = TensorSet("model.layers.0.mlp.up_proj", {
+        "qweight": pack_awq(torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)),
+        "qzeros": pack_awq(torch.randint(0, 16, (k // 128, n), generator=gen, dtype=torch.int32)),
+        "scales": torch.rand(k // 128, n, generator=gen).half(),
+    })
+    layer.quant_method.load(layer, tensors, torch.device("cpu"), torch.float16)
+    tensors.finish()
+    nbytes = sum(t.numel() * t.element_size() for t in layer.buffers())
+    assert nbytes / (2 * k * n) <= 0.30, nbytes / (2 * k * n)
+
+
+def test_start_up_log_states_weight_bytes_and_ratio(checkpoints, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="engine.loader")
+    engine = create_engine(EngineConfig(model_path=str(checkpoints("awq", "tool")), device="cpu",
+                                        max_model_len=256))
+    engine.shutdown()
+    line = next(r.getMessage() for r in caplog.records if "of the" in r.getMessage())
+    assert "awq 4-bit" in line and "MiB they take in fp16" in line, line
