@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -17,15 +16,11 @@ import torch
 from engine.api import EngineConfig
 from engine.kv_cache import PagedKVCache, resolve_kv_cache_dtype
 from engine.layers.attention import AttentionMetadata
+from engine.loader import KV_SCALE_NAME, checkpoint_tensor_files
 from engine.memory import MemoryPlan, estimate_activation_bytes, plan_memory
 
 log = logging.getLogger(__name__)
 
-# self_attn.k_scale / v_scale / kv_scale, also under the projection (k_proj.k_scale), and
-# AutoFP8's k_proj.output_scale / v_proj.output_scale
-KV_SCALE_NAME = re.compile(
-    r"^model\.layers\.(\d+)\.self_attn\.(?:([kv])_proj\.)?(k_scale|v_scale|kv_scale|output_scale)$"
-)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -67,8 +62,6 @@ def read_kv_scales(tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[l
 
 def load_kv_scales(path: str | Path, num_layers: int) -> tuple[list[float], list[float]] | None:
     from safetensors import safe_open
-
-    from engine.loader import checkpoint_tensor_files
 
     found: dict[str, torch.Tensor] = {}
     for name, file in checkpoint_tensor_files(Path(path)).items():

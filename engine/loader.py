@@ -20,16 +20,20 @@ import torch
 from safetensors import safe_open
 
 from engine.config import ModelConfig
-from engine.kv_setup import KV_SCALE_NAME
 from engine.layers.linear import Linear
 from engine.models import get_model_class
 from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
 
 log = logging.getLogger(__name__)
 
-# Tensors some checkpoints carry that the model computes itself, and the fp8 KV-cache
-# scales (``engine.kv_setup.load_kv_scales`` reads those).
+# Tensors some checkpoints carry that the model computes itself.
 _HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# The fp8 KV-cache scales, which ``engine.kv_setup.load_kv_scales`` reads:
+# self_attn.k_scale / v_scale / kv_scale, also under the projection (k_proj.k_scale), and
+# AutoFP8's k_proj.output_scale / v_proj.output_scale
+KV_SCALE_NAME = re.compile(
+    r"^model\.layers\.(\d+)\.self_attn\.(?:([kv])_proj\.)?(k_scale|v_scale|kv_scale|output_scale)$"
+)
 _MAX_LISTED = 10
 
 
