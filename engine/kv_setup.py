@@ -18,6 +18,7 @@ from engine.kv_cache import PagedKVCache, resolve_kv_cache_dtype
 from engine.layers.attention import AttentionMetadata
 from engine.loader import KV_SCALE_NAME, checkpoint_tensor_files
 from engine.memory import MemoryPlan, estimate_activation_bytes, plan_memory
+from engine.tensor_files import open_tensor_file
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,11 @@ def read_kv_scales(tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[l
 
 
 def load_kv_scales(path: str | Path, num_layers: int) -> tuple[list[float], list[float]] | None:
-    from safetensors import safe_open
-
     found: dict[str, torch.Tensor] = {}
     for name, file in checkpoint_tensor_files(Path(path)).items():
         if KV_SCALE_NAME.match(name):
-            with safe_open(str(file), framework="pt", device="cpu") as fh:
-                found[name] = fh.get_tensor(name)
+            with open_tensor_file(file) as fh:
+                found[name] = fh.get(name)
     return read_kv_scales(found, num_layers)
 
 

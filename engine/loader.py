@@ -17,12 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.layers.linear import Linear
 from engine.models import get_model_class
 from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
+from engine.tensor_files import STATE_DICT_SUFFIXES, open_tensor_file
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def load_model(
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in quant_layers}
     nbytes = 0
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            available = set(fh.keys())
+        with open_tensor_file(file) as fh:
+            available = set(fh.names())
             for name in names:
                 if name not in available:
                     raise ValueError(
@@ -74,16 +74,16 @@ def load_model(
                     )
                 owner = layer_of[name]
                 if owner is not None:
-                    layer_tensors[owner][name[len(owner) + 1 :]] = fh.get_tensor(name)
+                    layer_tensors[owner][name[len(owner) + 1 :]] = fh.get(name)
                     continue
                 expected = tuple(params[name].shape)
-                actual = tuple(fh.get_slice(name).get_shape())
+                actual = fh.shape(name)
                 if actual != expected:
                     raise ValueError(
                         f"{file.name}: tensor {name!r} has shape {list(actual)}, but "
                         f"{path / 'config.json'} implies {list(expected)}"
                     )
-                tensor = fh.get_tensor(name)
+                tensor = fh.get(name)
                 tensor = tensor.to(
                     device=device, dtype=dtype if tensor.is_floating_point() else None
                 )
@@ -141,8 +141,10 @@ def _owning_layer(name: str, quant_layers: dict[str, Linear]) -> str | None:
 
 
 def checkpoint_tensor_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file: from the index, ``model.safetensors``, or every
-    ``*.safetensors`` in the folder (a name found in two files is an error)."""
+    """Tensor name -> file: from the safetensors index, ``model.safetensors``, every
+    ``*.safetensors`` in the folder, or else every PyTorch state dict (``*.pt``, ``*.bin``,
+    ``*.pth``: SqueezeLLM's released models, older folders); a name found in two files is
+    an error."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -159,11 +161,13 @@ def checkpoint_tensor_files(path: Path) -> dict[str, Path]:
     single = path / "model.safetensors"
     candidates = [single] if single.is_file() else sorted(path.glob("*.safetensors"))
     if not candidates:
-        raise ValueError(f"no model.safetensors (or *.safetensors) in {path}")
+        candidates = sorted(f for f in path.iterdir() if f.suffix in STATE_DICT_SUFFIXES)
+    if not candidates:
+        raise ValueError(f"no model.safetensors (or *.safetensors, *.pt, *.bin) in {path}")
     files: dict[str, Path] = {}
     for file in candidates:
-        with safe_open(str(file), framework="pt", device="cpu") as fh:
-            for name in fh.keys():  # noqa: SIM118 (safe_open is not iterable)
+        with open_tensor_file(file) as fh:
+            for name in fh.names():
                 if name in files:
                     raise ValueError(
                         f"tensor {name!r} is in both {files[name].name} and {file.name}"
