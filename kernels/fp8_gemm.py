@@ -24,26 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.quantization.base import log_fallback_once
+from engine.quantization.base import log_fallback_once, log_once
 from kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
 from kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
-from kernels.fp8_gemm_ref import check_fp8_args, fp8_linear_ref
-from kernels.int8_gemm import w8a8_gemm
+from kernels.fp8_gemm_ref import fp8_linear_ref
+from kernels.int8_gemm import grouped_tile, w8a8_gemm
+from kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)
 
 _E4M3 = tl.constexpr(E4M3)  # compiled kernels see only constexpr globals
 _READ_FACTOR = tl.constexpr(E4M3_READ_FACTOR)
 
-_LOGGED: set[str] = set()
 _ROWWISE_REFUSED: set[tuple[torch.device, torch.dtype]] = set()  # (device, out dtype)
 TRITON_MAX_M = 16  # decode batches: the Triton W8A8 GEMM streams the weight faster than _scaled_mm
 
 
 def _log_once(key: str, message: str, *args: object) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info(message, *args)
+    log_once(log, f"fp8_linear-{key}", message, *args)
 
 
 def prepare_fp8_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -66,7 +64,7 @@ def fp8_linear(
     if x.device.type != "cuda":
         _log_once("ref", "fp8_linear: torch reference path on %s", x.device.type)
         return fp8_linear_ref(x, weight, weight_scale, input_scale, bias)
-    check_fp8_args(x, weight, weight_scale, input_scale, bias)
+    check_w8a8_args("fp8_linear", x, weight, torch.float8_e4m3fn, weight_scale, input_scale, bias)
     if weight.stride(1) != 1:
         raise ValueError(f"fp8_linear: weight must be row-major [N, K] (stride {weight.stride()}); "
                          "use prepare_fp8_weight at load time")
@@ -157,15 +155,7 @@ def _fp8_weight_only_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # x [M, K] (fp16/bf16/fp32), w e4m3 bits uint8 [N, K] (read as [K, N] tiles), c [M, N]
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]

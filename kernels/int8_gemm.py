@@ -18,18 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.quantization.base import log_once
 from kernels.act_quant import quantize_int8_per_token, quantize_int8_static
-from kernels.int8_gemm_ref import check_int8_args, int8_linear_ref
+from kernels.int8_gemm_ref import int8_linear_ref
+from kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(key: str, message: str, *args: object) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info(message, *args)
 
 
 def int8_linear(
@@ -44,10 +38,12 @@ def int8_linear(
     None (dynamic per token) or (1,) static with an optional (1,) ``input_zero_point``
     -> ``[M, N]`` in ``x.dtype``."""
     if x.device.type != "cuda":
-        _log_once("ref", "int8_linear: torch reference path on %s", x.device.type)
+        log_once(log, "int8_linear-ref", "int8_linear: torch reference path on %s", x.device.type)
         return int8_linear_ref(x, weight, weight_scale, input_scale, input_zero_point, bias)
-    check_int8_args(x, weight, weight_scale, input_scale, input_zero_point, bias)
-    _log_once("triton", "int8_linear: Triton int8 GEMM with fused scales")
+    check_w8a8_args(
+        "int8_linear", x, weight, torch.int8, weight_scale, input_scale, bias, input_zero_point
+    )
+    log_once(log, "int8_linear-triton", "int8_linear: Triton int8 GEMM with fused scales")
     if input_scale is None:
         xq, sx = quantize_int8_per_token(x)
         zp = None
@@ -61,6 +57,21 @@ def int8_linear(
 
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(offs_m, offs_n)`` of this program's output tile (1-D grid over the tiles): the
+    program ids run down ``GROUP_M`` row tiles before the next column, so that those row tiles
+    share the weight tiles in L2."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _w8a8_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, zp_ptr, bias_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,
@@ -69,15 +80,7 @@ def _w8a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # a [M, K] row-major, b [N, K] row-major (read as [K, N] tiles), both int8 or both e4m3
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)  # GROUP_M row tiles share the weight tiles in L2
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok, n_ok = offs_m < M, offs_n < N
     a_ptrs = a_ptr + tl.where(m_ok, offs_m, 0)[:, None].to(tl.int64) * stride_am + offs_k[None, :]

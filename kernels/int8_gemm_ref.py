@@ -9,32 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels.act_quant_ref import quantize_int8_per_token_ref, quantize_int8_static_ref
-
-
-def check_int8_args(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale: torch.Tensor,
-    input_scale: torch.Tensor | None,
-    input_zero_point: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> None:
-    """Clear errors for what a loader can get wrong."""
-    if x.dim() != 2:
-        raise ValueError(f"int8_linear: x must be [M, K], got shape {list(x.shape)}")
-    if weight.dtype != torch.int8 or weight.dim() != 2:
-        raise ValueError(f"int8_linear: weight must be int8 [N, K], got {weight.dtype} {list(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[1] != k:
-        raise ValueError(f"int8_linear: x has K={x.shape[1]} but weight [N, K] has K={k}")
-    if weight_scale.numel() not in (1, n):
-        raise ValueError(f"int8_linear: weight_scale must be (1,) or ({n}, 1), got {list(weight_scale.shape)}")
-    if input_scale is not None and input_scale.numel() != 1:
-        raise ValueError(f"int8_linear: input_scale must be (1,), got {list(input_scale.shape)}")
-    if input_zero_point is not None and (input_scale is None or input_zero_point.numel() != 1):
-        raise ValueError("int8_linear: input_zero_point needs a static input_scale and must be (1,)")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"int8_linear: bias must be ({n},), got {list(bias.shape)}")
+from kernels.w8a8_args import check_w8a8_args
 
 
 def quantize_int8_input_ref(
@@ -55,7 +30,9 @@ def int8_linear_ref(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer products summed exactly (float64 holds them: |sum| < 2^53), scaled in float32."""
-    check_int8_args(x, weight, weight_scale, input_scale, input_zero_point, bias)
+    check_w8a8_args(
+        "int8_linear", x, weight, torch.int8, weight_scale, input_scale, bias, input_zero_point
+    )
     xq, sx = quantize_int8_input_ref(x, input_scale, input_zero_point)
     xi = xq.double()
     if input_zero_point is not None:

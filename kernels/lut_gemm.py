@@ -1,10 +1,10 @@
 """Triton lookup-table GEMM (SqueezeLLM): ``y = x W (+ bias)`` with ``W[k, n] = lut[n, q[k, n]]``.
 
 Layout and formula: ``kernels.lut_gemm_ref``. Same program layout, K order and decode/prefill
-launch as ``kernels.int_gemm`` (whose launcher, split-K finish and input checks it uses); the
-weight of each packed field is a gathered load from the column's 16-entry table, which is
-tiny and stays in cache. The table is in the activation dtype, so the gathered weights are
-exact in the ``tl.dot`` operands.
+launch as ``kernels.int_gemm`` (the launcher and split-K finish of ``kernels.int_gemm_launch``,
+the input checks of ``kernels.packed_gemm_checks``); the weight of each packed field is a
+gathered load from the column's 16-entry table, which is tiny and stays in cache. The table is
+in the activation dtype, so the gathered weights are exact in the ``tl.dot`` operands.
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.int_gemm import (
-    check_activations,
-    check_bias,
-    check_packed,
-    check_param,
-    finish_tile,
-    launch,
-)
+from kernels.int_gemm_launch import finish_tile, launch, tile_and_split
+from kernels.packed_gemm_checks import check_activations, check_packed, check_param
 
 
 @triton.jit
@@ -31,14 +25,8 @@ def _lut_gemm_kernel(
     BLOCK_KW: tl.constexpr, WAVES: tl.constexpr,
 ):
     """Program (M tile, N tile, K split) over ``KP`` rows of eight 4-bit indices."""
-    pid_m, pid_k, num_splits = tl.program_id(0), tl.program_id(2), tl.num_programs(2)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_m, offs_n, m_ok, n_ok, lo, hi = tile_and_split(M, N, KP, BLOCK_M, BLOCK_N, BLOCK_KW)
     rows = tl.arange(0, BLOCK_KW)
-    per_split = tl.cdiv(tl.cdiv(KP, num_splits), BLOCK_KW) * BLOCK_KW
-    lo = pid_k * per_split
-    hi = tl.minimum(lo + per_split, KP)
     x_dtype = x_ptr.dtype.element_ty
     table = lut_ptr + offs_n[None, :] * 16  # [1, BLOCK_N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -77,15 +65,8 @@ def lut_gemm(
     """``x [M, K] @ W [K, N] (+ bias)`` in ``x.dtype``; ``qweight [ceil(K / 8), N]`` int32 of
     4-bit indices, ``lut [N, 16]`` in ``x.dtype``. ``variant`` and ``config`` as in
     ``kernels.int_gemm.int_gemm``."""
-    m, k = check_activations(x)
+    _, k = check_activations(x)
     kp = triton.cdiv(k, 8)
     n = check_packed(qweight, kp, x.device, f"ceil(K / 8) = {kp}")
     check_param("lut", lut, (n, 16), x)
-    check_bias(bias, n, x.device)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    ptrs = (x, qweight, lut, out if bias is None else bias)
-    launch(_lut_gemm_kernel, out, ptrs, (k, kp, x.stride(0)), m, n, kp, variant, config,
-           HAS_BIAS=bias is not None)
-    return out
+    return launch(_lut_gemm_kernel, x, (qweight, lut), bias, n, kp, variant, config)

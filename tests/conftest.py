@@ -1,6 +1,10 @@
 """Suite-wide settings."""
 
-from collections.abc import Iterator
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
@@ -29,3 +33,32 @@ def client(broker: Broker) -> Iterator[OldClient]:
     client = OldClient(broker)
     yield client
     client.close()
+
+
+# torch on one thread for a whole module; a module opts in with
+# ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``. The tiny test models gain
+# nothing from threads, and on busy CI cores OpenMP threads only spin and contend.
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    import torch  # here, not at the top: most test modules never load torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# A test file of Triton kernel checks run in the Triton interpreter (CPU): a child pytest
+# with TRITON_INTERPRET=1, because the interpreter is chosen when triton is first imported.
+@pytest.fixture(scope="session")
+def run_in_triton_interpreter() -> Callable[[str], None]:
+    tests = Path(__file__).resolve().parent
+
+    def run(name: str) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / name)]
+        proc = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    return run

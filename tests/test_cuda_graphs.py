@@ -3,8 +3,6 @@ and captured graphs on a GPU, against plain eager steps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -16,14 +14,7 @@ from tests.checkpoints import tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def prompts(n: int) -> list[list[int]]:

@@ -27,15 +27,7 @@ from tests.checkpoints import tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    # The tiny model gains nothing from threads, and busy CI cores make OpenMP spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Probe(torch.nn.Module):

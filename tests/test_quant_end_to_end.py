@@ -13,7 +13,6 @@ is refused with the fix in the message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from tests.old_client import OldClient
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
 PROJECT = "maze"
 # (name, how the checkpoint is made, --quantization, words the engine's description holds)
@@ -47,14 +47,6 @@ CASES = [
     ("int8-at-load", "plain", "int8", "int8"),
     ("bnb-at-load", "plain", "bitsandbytes", "nf4"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

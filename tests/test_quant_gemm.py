@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +17,6 @@ from kernels.int_gemm_ref import int_gemm_ref, pack_along_k
 from kernels.lut_gemm_ref import lut_gemm_ref
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,12 +75,8 @@ def check_lut(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, bias: 
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernels_in_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "quant_gemm_interp.py")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+def test_triton_kernels_in_interpreter(run_in_triton_interpreter) -> None:
+    run_in_triton_interpreter("quant_gemm_interp.py")
 
 
 # -- bad input: rejected before any launch ----------------------------------------------------

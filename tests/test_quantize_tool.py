@@ -65,6 +65,13 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def assert_layout(
+    t: dict[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """The written tensor ``name`` has this dtype and shape."""
+    assert (t[name].dtype, tuple(t[name].shape)) == (dtype, shape), name
+
+
 def config_of(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
@@ -104,18 +111,9 @@ def test_awq_tensors_and_config(written: dict[str, Path]) -> None:
     for p in prefixes():
         n, k = s[f"{p}.weight"].shape
         assert f"{p}.weight" not in t
-        assert (t[f"{p}.qweight"].dtype, tuple(t[f"{p}.qweight"].shape)) == (
-            torch.int32,
-            (k, n // 8),
-        )
-        assert (t[f"{p}.qzeros"].dtype, tuple(t[f"{p}.qzeros"].shape)) == (
-            torch.int32,
-            (k // G, n // 8),
-        )
-        assert (t[f"{p}.scales"].dtype, tuple(t[f"{p}.scales"].shape)) == (
-            torch.float16,
-            (k // G, n),
-        )
+        assert_layout(t, f"{p}.qweight", torch.int32, (k, n // 8))
+        assert_layout(t, f"{p}.qzeros", torch.int32, (k // G, n // 8))
+        assert_layout(t, f"{p}.scales", torch.float16, (k // G, n))
         assert (t[f"{p}.scales"] > 0).all()
     for name in (
         "tokenizer.json",
@@ -156,18 +154,9 @@ def test_gptq_tensors_config_and_act_order(written: dict[str, Path]) -> None:
     t, s = tensors_of(path), source_tensors()
     for p in prefixes():
         n, k = s[f"{p}.weight"].shape
-        assert (t[f"{p}.qweight"].dtype, tuple(t[f"{p}.qweight"].shape)) == (
-            torch.int32,
-            (k // 8, n),
-        )
-        assert (t[f"{p}.qzeros"].dtype, tuple(t[f"{p}.qzeros"].shape)) == (
-            torch.int32,
-            (k // G, n // 8),
-        )
-        assert (t[f"{p}.scales"].dtype, tuple(t[f"{p}.scales"].shape)) == (
-            torch.float16,
-            (k // G, n),
-        )
+        assert_layout(t, f"{p}.qweight", torch.int32, (k // 8, n))
+        assert_layout(t, f"{p}.qzeros", torch.int32, (k // G, n // 8))
+        assert_layout(t, f"{p}.scales", torch.float16, (k // G, n))
         g_idx = t[f"{p}.g_idx"]
         assert g_idx.dtype == torch.int32 and tuple(g_idx.shape) == (k,)
         assert not bool((g_idx[1:] >= g_idx[:-1]).all()), f"{p}: act-order g_idx is monotonic"
@@ -337,52 +326,24 @@ def test_awq_folded_model_computes_the_same_function() -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+def run_cli(output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m engine.quantize --model <the tiny model> --output <output> <args>``."""
+    cmd = [sys.executable, "-m", "engine.quantize", "--model", str(src()), "--output", str(output)]
+    return subprocess.run(
+        [*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_cli_writes_a_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "int8"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine.quantize",
-            "--model",
-            str(src()),
-            "--output",
-            str(out),
-            "--method",
-            "int8",
-            "--strategy",
-            "tensor",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(out, "--method", "int8", "--strategy", "tensor")
     assert proc.returncode == 0, proc.stderr
     assert "smaller" in proc.stderr  # the size summary is logged
     assert tensors_of(out)["model.layers.0.mlp.up_proj.weight_scale"].shape == (1,)
 
 
 def test_cli_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "engine.quantize",
-            "--model",
-            str(src()),
-            "--output",
-            str(tmp_path / "x"),
-            "--method",
-            "awq",
-            "--bits",
-            "3",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_cli(tmp_path / "x", "--method", "awq", "--bits", "3")
     assert proc.returncode != 0 and "awq writes 4-bit weights only" in proc.stderr
     assert not (tmp_path / "x").exists()
 

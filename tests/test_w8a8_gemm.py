@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +18,6 @@ from kernels.int8_gemm_ref import int8_linear_ref
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SHAPES = [(1, 64, 48), (5, 96, 40), (33, 200, 72)]  # (M, K, N), odd tails
@@ -246,11 +241,8 @@ def test_bad_arguments_are_named() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernels_in_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "w8a8_interp.py")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+def test_triton_kernels_in_interpreter(run_in_triton_interpreter) -> None:
+    run_in_triton_interpreter("w8a8_interp.py")
 
 
 # -- compiled, on a GPU --------------------------------------------------------------------------

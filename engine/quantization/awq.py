@@ -7,20 +7,19 @@ zero points (``kernels.int_gemm_ref``). ``W[k, n] = (q[k, n] - z[k // G, n]) * s
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
+from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
 from engine.quantization.int_linear import (
     FLOAT_DTYPES,
     PackedLinearMethod,
-    check_group_size,
-    no_raw_config,
+    PackedQuantConfig,
+    read_bits,
     read_bool,
-    read_int,
+    read_group_size,
 )
 from engine.quantization.packing import unpack_awq
 from kernels.int_gemm_ref import pack_along_k
@@ -28,34 +27,23 @@ from kernels.int_gemm_ref import pack_along_k
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
 
-log = logging.getLogger(__name__)
-
 SYMMETRIC_ZERO = 8  # the zero point of a table without qzeros (zero_point: false)
 
 
 @dataclass(frozen=True)
-class AWQConfig(QuantConfig):
+class AWQConfig(PackedQuantConfig):
     group_size: int
     zero_point: bool
     source: str
     not_converted: tuple[str, ...] = ()
 
     name = "awq"
+    label = "AWQ"
 
     @classmethod
-    def from_checkpoint(
-        cls, raw: dict[str, Any] | None, source: str, flag_options: dict[str, Any]
-    ) -> AWQConfig:
-        if raw is None:
-            raise no_raw_config("AWQ")
-        bits = read_int(raw, ("bits", "w_bit"), source)
-        if bits != 4:
-            key = "bits" if "bits" in raw else "w_bit"
-            raise QuantFormatError(f"{source}: {key!r} is {bits}; AWQ checkpoints are 4-bit only")
-        group_size = read_int(raw, ("group_size", "q_group_size"), source)
-        check_group_size(
-            group_size, "group_size" if "group_size" in raw else "q_group_size", source
-        )
+    def from_raw(cls, raw: dict[str, Any], source: str) -> AWQConfig:
+        read_bits(raw, ("bits", "w_bit"), (4,), source, "AWQ checkpoints are 4-bit only")
+        group_size = read_group_size(raw, ("group_size", "q_group_size"), source)
         version = str(raw.get("version", "gemm")).lower()
         if version != "gemm":
             raise QuantFormatError(
@@ -84,15 +72,13 @@ class AWQConfig(QuantConfig):
 
 class AWQLinearMethod(PackedLinearMethod):
     runtime_bits = 4
-
-    def __init__(self, config: AWQConfig) -> None:
-        self.config = config
+    config: AWQConfig
 
     def load(
         self, layer: Linear, tensors: TensorSet, device: torch.device, dtype: torch.dtype
     ) -> None:
         k, n = layer.in_features, layer.out_features
-        group = k if self.config.group_size == -1 else self.config.group_size
+        group = self.use_group_size(k, self.config.group_size)
         if k % group:
             raise QuantFormatError(
                 f"{tensors.prefix}: in_features {k} is not a multiple of the AWQ group size "
@@ -102,7 +88,6 @@ class AWQLinearMethod(PackedLinearMethod):
             raise QuantFormatError(
                 f"{tensors.prefix}: out_features {n} is not a multiple of 8, which AWQ packing needs"
             )
-        self.group_size = group
         qweight = tensors.take("qweight", (k, n // 8), (torch.int32,))
         # AutoAWQ always writes qzeros; without zero points a table may lack them.
         qzeros = tensors.take(

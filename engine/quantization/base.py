@@ -130,11 +130,18 @@ class TensorSet:
             raise QuantFormatError(f"unexpected tensors for this format: {listed}")
 
 
-def log_fallback_once(key: str, message: str, *args: object) -> None:
-    """One log line per fallback kind (a GPU without FP8, a shape the kernel cannot take)."""
+def log_once(
+    logger: logging.Logger, key: str, message: str, *args: object, level: int = logging.INFO
+) -> None:
+    """One log line per ``key`` in this process (which path a kernel or method takes)."""
     if key not in _LOGGED:
         _LOGGED.add(key)
-        log.warning(message, *args)
+        logger.log(level, message, *args)
+
+
+def log_fallback_once(key: str, message: str, *args: object) -> None:
+    """One warning per fallback kind (a GPU without FP8, a shape the kernel cannot take)."""
+    log_once(log, key, message, *args, level=logging.WARNING)
 
 
 _LOGGED: set[str] = set()

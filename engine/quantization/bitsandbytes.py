@@ -26,6 +26,7 @@ from engine.quantization.base import (
     QuantLinearMethod,
     TensorSet,
     log_fallback_once,
+    log_once,
 )
 from engine.quantization.compressed_tensors import FLOAT_DTYPES, set_buffer, take_bias
 
@@ -35,7 +36,6 @@ QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # transformers' 4-bit block size
 DEFAULT_THRESHOLD = 6.0  # transformers' llm_int8_threshold
 _STATE_KEY = "weight.quant_state.bitsandbytes__"
-_LOGGED: set[str] = set()
 _NO_BNB_MATMUL: set[str] = set()  # device types where bitsandbytes' matmul failed
 
 
@@ -158,7 +158,7 @@ class BitsAndBytesLinearMethod(QuantLinearMethod):
                     device, exc,
                 )
             else:
-                _log_once(f"bnb-{self.quant_type}-{device}", "bitsandbytes %s: %s on %s",
+                log_once(log, f"bnb-{self.quant_type}-{device}", "bitsandbytes %s: %s on %s",
                           self.quant_type, "matmul (LLM.int8)" if self.quant_type == "int8" else "matmul_4bit", device)
                 return y.reshape(*shape[:-1], y.shape[-1])
         y = F.linear(x2, self.dequantize(layer).to(x.dtype), layer.bias)
@@ -233,9 +233,3 @@ def _int8_state(bnb: Any, weight: torch.Tensor, scb: torch.Tensor, threshold: fl
     state.threshold = threshold
     state.is_training = False
     return state
-
-
-def _log_once(key: str, message: str, *args: object) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.info(message, *args)

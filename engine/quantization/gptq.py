@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.quantization.base import (
-    QuantConfig,
     QuantFormatError,
     QuantLinearMethod,
     TensorSet,
@@ -25,10 +24,10 @@ from engine.quantization.base import (
 from engine.quantization.int_linear import (
     FLOAT_DTYPES,
     PackedLinearMethod,
-    check_group_size,
-    no_raw_config,
+    PackedQuantConfig,
+    read_bits,
     read_bool,
-    read_int,
+    read_group_size,
 )
 from engine.quantization.packing import GPTQ_BITS, unpack_gptq_cols, unpack_gptq_rows
 from kernels.int_gemm_ref import pack_along_k
@@ -42,7 +41,7 @@ CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class GPTQConfig(PackedQuantConfig):
     bits: int
     group_size: int
     desc_act: bool
@@ -52,20 +51,13 @@ class GPTQConfig(QuantConfig):
     source: str
 
     name = "gptq"
+    label = "GPTQ"
 
     @classmethod
-    def from_checkpoint(
-        cls, raw: dict[str, Any] | None, source: str, flag_options: dict[str, Any]
-    ) -> GPTQConfig:
-        if raw is None:
-            raise no_raw_config("GPTQ")
-        bits = read_int(raw, ("bits",), source)
-        if bits not in GPTQ_BITS:
-            raise QuantFormatError(
-                f"{source}: 'bits' is {bits}; GPTQ checkpoints are read with bits 2, 3, 4 or 8"
-            )
-        group_size = read_int(raw, ("group_size",), source)
-        check_group_size(group_size, "group_size", source)
+    def from_raw(cls, raw: dict[str, Any], source: str) -> GPTQConfig:
+        rule = "GPTQ checkpoints are read with bits 2, 3, 4 or 8"
+        bits = read_bits(raw, ("bits",), GPTQ_BITS, source, rule)
+        group_size = read_group_size(raw, ("group_size",), source)
         if "sym" not in raw:
             log.warning(
                 "%s: no 'sym' in the GPTQ config; assuming sym: true (the zero points are read from qzeros anyway)",
@@ -114,16 +106,17 @@ class GPTQConfig(QuantConfig):
 
 
 class GPTQLinearMethod(PackedLinearMethod):
+    config: GPTQConfig
+
     def __init__(self, config: GPTQConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.runtime_bits = 4 if config.bits == 3 else config.bits
 
     def load(
         self, layer: Linear, tensors: TensorSet, device: torch.device, dtype: torch.dtype
     ) -> None:
         bits, k, n = self.config.bits, layer.in_features, layer.out_features
-        group = k if self.config.group_size == -1 else self.config.group_size
-        self.group_size = group
+        group = self.use_group_size(k, self.config.group_size)
         values_per = 32 if bits == 3 else 32 // bits  # values in one whole chunk of words
         for dim, size in (("in_features", k), ("out_features", n)):
             if size % values_per:

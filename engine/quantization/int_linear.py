@@ -9,11 +9,12 @@ Runtime buffers of a layer (registered on it, so ``.to()`` and ``state_dict`` se
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
+from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 from kernels.int_gemm_ref import dequantize_int, int_gemm_ref
 from kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
 
@@ -48,18 +49,54 @@ def read_bool(raw: dict[str, Any], key: str, source: str, default: bool) -> bool
     return value
 
 
-def check_group_size(group_size: int, key: str, source: str) -> None:
+def _key_found(raw: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The first of ``keys`` present in ``raw`` (the name an error message should use)."""
+    return next((key for key in keys if key in raw), keys[0])
+
+
+def read_bits(
+    raw: dict[str, Any], keys: tuple[str, ...], allowed: tuple[int, ...], source: str, rule: str
+) -> int:
+    """The bit width under the first of ``keys``; one not in ``allowed`` names the key and
+    ``rule`` (e.g. ``"AWQ checkpoints are 4-bit only"``)."""
+    bits = read_int(raw, keys, source)
+    if bits not in allowed:
+        raise QuantFormatError(f"{source}: {_key_found(raw, keys)!r} is {bits}; {rule}")
+    return bits
+
+
+def read_group_size(raw: dict[str, Any], keys: tuple[str, ...], source: str) -> int:
+    """A positive group size, or -1 for one group per column."""
+    group_size = read_int(raw, keys, source)
     if group_size != -1 and group_size <= 0:
         raise QuantFormatError(
-            f"{source}: {key!r} must be a positive group size or -1 (one group), got {group_size}"
+            f"{source}: {_key_found(raw, keys)!r} must be a positive group size or -1 "
+            f"(one group), got {group_size}"
         )
+    return group_size
 
 
-def no_raw_config(method: str) -> QuantFormatError:
-    return QuantFormatError(
-        f"{method} cannot quantize a plain model at load time: serve a pre-quantized {method} "
-        "checkpoint, or use --quantization bitsandbytes, fp8 or int8"
-    )
+class PackedQuantConfig(QuantConfig):
+    """A method read from a pre-quantized checkpoint only (AWQ, GPTQ, SqueezeLLM): no
+    quantizing a plain model at load time, no engine flags."""
+
+    label: ClassVar[str]  # the method's name in messages, e.g. "AWQ"
+
+    @classmethod
+    def from_checkpoint(
+        cls, raw: dict[str, Any] | None, source: str, flag_options: dict[str, Any]
+    ) -> PackedQuantConfig:
+        if raw is None:
+            raise QuantFormatError(
+                f"{cls.label} cannot quantize a plain model at load time: serve a pre-quantized "
+                f"{cls.label} checkpoint, or use --quantization bitsandbytes, fp8 or int8"
+            )
+        return cls.from_raw(raw, source)
+
+    @classmethod
+    @abstractmethod
+    def from_raw(cls, raw: dict[str, Any], source: str) -> PackedQuantConfig:
+        """Build from the checkpoint's quantization config ``raw``, read from ``source``."""
 
 
 # ----------------------------------------------------------------------------- linear methods
@@ -74,6 +111,15 @@ class PackedLinearMethod(QuantLinearMethod):
     runtime_bits: int = 4
     group_size: int = 0
     lut_gemm: bool = False
+
+    def __init__(self, config: PackedQuantConfig) -> None:
+        self.config = config
+
+    def use_group_size(self, k: int, group_size: int) -> int:
+        """The group size of a layer with ``k`` input channels (-1: one group), kept for
+        ``apply``."""
+        self.group_size = k if group_size == -1 else group_size
+        return self.group_size
 
     def create_weights(self, layer: Linear) -> None:
         layer.register_buffer("bias", None)  # a buffer slot that ``load`` fills (or not)

@@ -13,8 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
-from engine.quantization.int_linear import FLOAT_DTYPES, PackedLinearMethod, no_raw_config, read_int
+from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
+from engine.quantization.int_linear import (
+    FLOAT_DTYPES,
+    PackedLinearMethod,
+    PackedQuantConfig,
+    read_bits,
+)
 from engine.quantization.packing import SQUEEZELLM_BITS, unpack_squeezellm
 from kernels.int_gemm_ref import pack_along_k
 
@@ -26,25 +31,17 @@ _SPARSE_TENSORS = ("rows", "cols", "vals", "full_rows", "full_row_indices", "sta
 
 
 @dataclass(frozen=True)
-class SqueezeLLMConfig(QuantConfig):
+class SqueezeLLMConfig(PackedQuantConfig):
     bits: int
     source: str
 
     name = "squeezellm"
+    label = "SqueezeLLM"
 
     @classmethod
-    def from_checkpoint(
-        cls, raw: dict[str, Any] | None, source: str, flag_options: dict[str, Any]
-    ) -> SqueezeLLMConfig:
-        if raw is None:
-            raise no_raw_config("SqueezeLLM")
-        bits = read_int(raw, ("wbits", "bits"), source)
-        if bits not in SQUEEZELLM_BITS:
-            key = "wbits" if "wbits" in raw else "bits"
-            raise QuantFormatError(
-                f"{source}: {key!r} is {bits}; SqueezeLLM checkpoints are 3- or 4-bit"
-            )
-        return cls(bits, source)
+    def from_raw(cls, raw: dict[str, Any], source: str) -> SqueezeLLMConfig:
+        rule = "SqueezeLLM checkpoints are 3- or 4-bit"
+        return cls(read_bits(raw, ("wbits", "bits"), SQUEEZELLM_BITS, source, rule), source)
 
     def linear_method(self, prefix: str) -> QuantLinearMethod:
         return SqueezeLLMLinearMethod(self)
@@ -55,9 +52,7 @@ class SqueezeLLMConfig(QuantConfig):
 
 class SqueezeLLMLinearMethod(PackedLinearMethod):
     lut_gemm = True
-
-    def __init__(self, config: SqueezeLLMConfig) -> None:
-        self.config = config
+    config: SqueezeLLMConfig
 
     def load(
         self, layer: Linear, tensors: TensorSet, device: torch.device, dtype: torch.dtype

@@ -45,17 +45,11 @@ def quantize_checkpoint(
     """
     from engine.quantize.pipeline import run
 
+    # by keyword: three of these settings are booleans, easy to swap by position
     spec = make_spec(
-        method,
-        bits,
-        group_size,
-        algorithm,
-        act_order,
-        sym,
-        static_groups,
-        strategy,
-        activations,
-        damp_percent,
+        method, bits=bits, group_size=group_size, algorithm=algorithm, act_order=act_order,
+        sym=sym, static_groups=static_groups, strategy=strategy, activations=activations,
+        damp_percent=damp_percent,
     )
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
