@@ -39,6 +39,16 @@ def setup_logging(level: str) -> None:
     )
 
 
+def start_debug_log(settings: Settings) -> None:
+    """--debug_log FILE: prompts and replies to FILE only (agent.debug_log), never the main log."""
+    if settings.debug_log is None:
+        return
+    from agent.debug_log import enable_debug_log
+
+    enable_debug_log(settings.debug_log, settings.debug_log_max_bytes)
+    log.info("writing prompts and replies to %s (--debug_log)", settings.debug_log)
+
+
 def visible_device_ids(value: str) -> list[str]:
     ids = [part.strip() for part in value.split(",") if part.strip()]
     bad = [i for i in ids if not _DEVICE_ID.match(i)]
@@ -95,9 +105,14 @@ def load_projects(names: Sequence[str]) -> dict[str, ProjectSpec]:
 
 
 def start(settings: Settings) -> None:
+    from agent.service import ServiceNotifier
     from engine import create_engine
     from engine.model_source import resolve_model
 
+    # Under systemd (Type=notify): STATUS= lines while loading, READY=1 once subscribed.
+    service = ServiceNotifier()
+    service.start()
+    service.loading(f"loading model {settings.model}")
     check_devices(settings)  # before a download that may take an hour
     if settings.metrics_port is not None:  # ... and before loading the model
         from agent.prometheus import require_prometheus
@@ -115,6 +130,9 @@ def start(settings: Settings) -> None:
 
     agent_config = settings.agent_config()
     projects = load_projects(served_projects(agent_config))
+    from agent.session_store_redis import open_store
+
+    store = open_store(agent_config)  # a bad URL or unreachable Redis fails before the model loads
     # each project's KV share (its YAML's kv_share) sizes its token budget from the start
     engine_config = settings.engine_config(
         str(model_path), project_shares={name: p.kv_share for name, p in projects.items()}
@@ -122,8 +140,8 @@ def start(settings: Settings) -> None:
     log.info("loading %s on device %s for projects %s", model_path, settings.device,
              ", ".join(projects))
     engine = create_engine(engine_config)
-    info = AgentInfo(model=settings.model, quantization=engine_config.quantization or "none")
-    agent = Agent(agent_config, engine, projects, info=info)
+    info = AgentInfo(model=settings.model, quantization=engine.quantization)
+    agent = Agent(agent_config, engine, projects, store=store, info=info, service=service)
     agent.run_forever()
 
 
@@ -139,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in settings.describe():
         log.debug("setting %s", line)
     try:
+        start_debug_log(settings)
         pin_devices(settings)
         start(settings)
     except KeyboardInterrupt:

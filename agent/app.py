@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-from types import FrameType
 
+from agent.acks import NO_ACK, Ack
 from agent.config import AgentConfig
 from agent.control import Control
 from agent.legacy import LegacyTopics, legacy_projects
@@ -15,7 +14,11 @@ from agent.metrics import summary
 from agent.mqtt_client import MqttClient, MqttConnectError
 from agent.prometheus import AgentCollector, PrometheusEndpoint
 from agent.router import Router
+from agent.service import ServiceNotifier, status_text
+from agent.session_store_redis import open_store
 from agent.sessions import SessionStore
+from agent.share_group import shared_subscriptions
+from agent.shutdown import ShutdownSignals, drain
 from agent.status import AgentInfo, StatusReporter, check_service_topics, default_agent_id
 from agent.topics import MAZE, Topics
 from engine.api import EngineProtocol
@@ -38,7 +41,8 @@ class Agent:
     """Serves PROTOCOL.md parts A, B and C for ``config.projects`` with one engine.
 
     ``start()`` starts the engine, then connects; ``stop()`` answers every
-    pending request, disconnects and shuts the engine down.
+    pending request, disconnects and shuts the engine down; ``stop_gracefully()``
+    lets the pending ones finish first. ``service`` tells systemd (agent.service).
     """
 
     def __init__(
@@ -48,16 +52,20 @@ class Agent:
         projects: dict[str, ProjectSpec] | None = None,
         store: SessionStore | None = None,
         info: AgentInfo | None = None,
+        service: ServiceNotifier | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
+        self.service = service or ServiceNotifier()
         given = projects or {}
         self.projects = {name: given.get(name) or load_project(name)
                          for name in served_projects(config)}
         self.topics = Topics(config.projects, config.topic_prefix)
         subscriptions = self.topics.all_subscriptions(legacy=config.legacy_topics)
-        self.mqtt = MqttClient(config, subscriptions, self._on_message)
-        self.router = Router(config, engine, self.projects, self.topics, self.mqtt.publish, store)
+        self.mqtt = MqttClient(config, shared_subscriptions(subscriptions, self.topics,
+                                                            config.share_group), self._on_message)
+        self.router = Router(config, engine, self.projects, self.topics, self.mqtt.publish,
+                             store if store is not None else open_store(config))
         self._init_status(info or AgentInfo(), [t for t, _ in subscriptions])
         self.maze = MazeHints(config, self.router, self.topics) if MAZE in config.projects else None
         # Tried in order before the chat topics; each takes the topics that are its own.
@@ -76,12 +84,14 @@ class Agent:
         """Connected to the broker and subscribed."""
         return self.mqtt.ready
 
-    def _on_message(self, topic: str, payload: bytes, properties: object = None) -> None:
-        """``properties``: MQTT v5 ones (a chat request's Response Topic, Correlation Data)."""
+    def _on_message(self, topic: str, payload: bytes, properties: object = None,
+                    ack: Ack = NO_ACK) -> None:
+        """``properties``: MQTT v5 ones (a chat request's Response Topic, Correlation Data);
+        ``ack``: held by the turn a request becomes, else sent as this returns (agent.acks)."""
         for handle in self._handlers:
-            if handle(topic, payload):
+            if handle(topic, payload, ack):
                 return
-        self.router.handle_message(topic, payload, properties)
+        self.router.handle_message(topic, payload, properties, ack)
 
     def _init_status(self, info: AgentInfo, subscriptions: list[str]) -> None:
         """The status and metrics topics (and the Last Will); the Prometheus endpoint if asked."""
@@ -94,11 +104,16 @@ class Agent:
             lambda: self.mqtt.ready, self.metrics_summary, config.stats_interval,
         )
         self.mqtt.set_will(*self.status.will())
-        self.mqtt.on_ready = self.status.online
+        self.mqtt.on_ready = self._on_subscribed
         labels = {"agent_id": self.agent_id, "model": info.model or "",
                   "quantization": info.quantization or "", "version": self.status.version}
         self.prometheus = None if config.metrics_port is None else PrometheusEndpoint(
             config.metrics_port, AgentCollector(self.router.metrics, self.metrics_summary, labels))
+
+    def _on_subscribed(self) -> None:
+        """Each (re)connect, once subscribed (paho's thread): online status, then READY=1."""
+        self.status.online()
+        self.service.subscribed()
 
     def metrics_summary(self) -> dict:
         """What the metrics topic carries (agent.metrics.summary)."""
@@ -135,6 +150,8 @@ class Agent:
                     self.stop()
                     raise
             self.engine.start()
+            self.service.watch(self.engine, lambda: status_text(self.projects, self.metrics_summary()))
+            self.service.start()
             self.router.start()
             self.status.start()
         try:
@@ -152,6 +169,7 @@ class Agent:
             self._stopped = True
         log.info("stopping agent")
         self._stop_requested.set()
+        self.service.stopping()
         self.status.stop()
         self.router.stop()
         if self.mqtt.ready:  # else the Will says offline (or we never were online)
@@ -160,31 +178,40 @@ class Agent:
         if self.prometheus is not None:
             self.prometheus.stop()
         self.engine.shutdown()
+        self.service.stop()
         log.info("agent stopped")
+
+    def stop_gracefully(self, timeout: float | None = None) -> None:
+        """New requests get the shutting-down error; the accepted ones may finish within
+        ``timeout`` (default ``config.shutdown_timeout``) s; then ``stop()`` answers the rest."""
+        if self._started and not self._stopped:
+            self.router.refuse_new()  # before STOPPING=1: a request sent after it is refused
+            self.service.stopping()
+            drain(lambda: self.router.lanes.pending,
+                  self.config.shutdown_timeout if timeout is None else timeout)
+        self.stop()
 
     def request_stop(self) -> None:
         """Makes ``run_forever`` return; safe from signal handlers and other threads."""
         self._stop_requested.set()
 
     def run_forever(self) -> None:
-        """Serves until SIGINT/SIGTERM (in the main thread) or ``request_stop()``, then stops.
+        """Serves until SIGINT/SIGTERM (in the main thread) or ``request_stop()``, then stops
+        gracefully (agent.shutdown: a second signal exits at once).
 
         Raises MqttConnectError only if the broker refuses the agent (credentials, ACL).
         """
-        previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, self._on_signal)
-        try:
-            if not self._started:
-                self.start(wait=False)
-                self._wait_for_broker()
-            while not self._stop_requested.wait(1.0):
-                pass
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)  # type: ignore[arg-type]
-            self.stop()
+        with ShutdownSignals(self.request_stop).installed():
+            try:
+                if not self._started:
+                    self.start(wait=False)
+                    self._wait_for_broker()
+                while not self._stop_requested.wait(1.0):
+                    pass
+            except BaseException:
+                self.stop()
+                raise
+            self.stop_gracefully()
 
     def _wait_for_broker(self) -> None:
         """A broker that refuses us is fatal; one that is down is retried in the background."""
@@ -193,10 +220,6 @@ class Agent:
         if not ready and not self._stop_requested.is_set():
             log.warning("MQTT broker %s not reachable within %g s; still trying in the background",
                         self.mqtt.where, timeout)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s received: stopping", signal.Signals(signum).name)
-        self.request_stop()
 
     def __enter__(self) -> Agent:
         self.start()

@@ -85,3 +85,12 @@ class AgentConfig:
 
         validate_project_name(self.legacy_project)
         validate_project_name(self.legacy_driving_project)
+        if self.share_group is not None:
+            from agent.share_group import share_group_problem
+
+            problem = share_group_problem(self.share_group)
+            if problem:
+                raise ValueError(problem)
+        from agent.mqtt_tls import check_tls
+
+        check_tls(self)  # certificate and key files readable and PEM: before the model loads

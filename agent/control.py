@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+from agent.acks import NO_ACK, Ack
 from agent.config import AgentConfig
 from agent.maze_state import MazeHints
 from agent.protocol import session_id_problem
@@ -37,8 +38,9 @@ class Control:
         self.topics = topics
         self.maze = maze
 
-    def handle(self, topic: str, payload: bytes) -> bool:
-        """True if ``topic`` is a control topic (then it is handled)."""
+    def handle(self, topic: str, payload: bytes, ack: Ack = NO_ACK) -> bool:
+        """True if ``topic`` is a control topic (then it is handled). Carried out before this
+        returns, so ``ack`` is left to the receiving thread."""
         parsed = self.topics.parse_control(topic)
         if parsed is None:
             return False

@@ -6,9 +6,10 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agent.acks import Ack
 from agent.protocol import ChatRequest
 from agent.sessions import Session, SessionKey
 from engine.api import GenerationRequest
@@ -54,6 +55,9 @@ class Turn:
     # it is answered, but its exchange is not recorded over the new state.
     stale: bool = False
     stream: Stream | None = None  # part C: "stream": true
+    # Its message's acknowledgement, and those of copies delivered again meanwhile (same
+    # requestId); sent after the reply; None once taken (agent.acks).
+    acks: list[Ack] | None = field(default_factory=list)
 
     @property
     def key(self) -> SessionKey:
@@ -104,6 +108,22 @@ class SessionLanes:
                 del self._lanes[turn.key]
                 return None
             return lane[0] if was_head else None
+
+    def attach(self, key: SessionKey, request_id: str, ack: Ack) -> bool:
+        """Gives ``ack`` (a copy of a request delivered again) to the turn of ``request_id``
+        if its reply is not out yet; False if there is no such turn."""
+        with self._lock:
+            for turn in self._lanes.get(key, ()):
+                if turn.request.request_id == request_id and turn.acks is not None:
+                    turn.acks.append(ack)
+                    return True
+            return False
+
+    def take_acks(self, turn: Turn) -> list[Ack]:
+        """The acknowledgements to send now that ``turn``'s reply was handed to paho."""
+        with self._lock:
+            acks, turn.acks = turn.acks, None
+            return acks or []
 
     def mark_stale(self, project: str, session_id: str | None = None) -> None:
         """Every unanswered turn of the session (of every session of ``project`` for None)."""

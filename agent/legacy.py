@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 
+from agent.acks import NO_ACK, Ack
 from agent.config import AgentConfig
 from agent.metrics import BAD_REQUEST
 from agent.protocol import ChatRequest, session_id_problem
@@ -43,8 +44,9 @@ class LegacyTopics:
         self._session = topics.legacy(LEGACY_SESSION)
         self._session_reply = topics.legacy(LEGACY_SESSION_REPLY)
 
-    def handle(self, topic: str, payload: bytes) -> bool:
-        """True if ``topic`` is a legacy topic (then it is handled)."""
+    def handle(self, topic: str, payload: bytes, ack: Ack = NO_ACK) -> bool:
+        """True if ``topic`` is a legacy topic (then it is handled); a chat turn takes ``ack``
+        with it (agent.acks)."""
         if topic == self._session:
             session_id = secrets.token_hex(5)
             log.info("legacy session handshake: new session %s", session_id)
@@ -52,11 +54,12 @@ class LegacyTopics:
             return True
         for prefix, (reply_prefix, project) in self._chat.items():
             if topic.startswith(prefix):
-                self._chat_turn(topic[len(prefix):], reply_prefix, project, payload)
+                self._chat_turn(topic[len(prefix):], reply_prefix, project, payload, ack)
                 return True
         return False
 
-    def _chat_turn(self, sid: str, reply_prefix: str, project: str, payload: bytes) -> None:
+    def _chat_turn(self, sid: str, reply_prefix: str, project: str, payload: bytes,
+                   ack: Ack) -> None:
         problem = "it is empty" if not sid else session_id_problem(sid)
         if problem:
             log.warning("legacy message with an unusable session id in its topic: %s", problem)
@@ -74,4 +77,4 @@ class LegacyTopics:
             log.info("legacy session %s/%s reset", project, sid)
             self.router.publish(reply_topic, RESET_REPLY)
             return
-        self.router.submit(ChatRequest(project, sid, text, reply_topic))
+        self.router.submit(ChatRequest(project, sid, text, reply_topic), ack=ack)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from agent.acks import NO_ACK, Ack
 from agent.config import AgentConfig
 from agent.metrics import BAD_REQUEST
 from agent.protocol import ChatRequest, json_object, session_id_problem
@@ -110,8 +111,9 @@ class MazeHints:
 
     # ---- MQTT thread ----
 
-    def handle(self, topic: str, payload: bytes) -> bool:
-        """True if ``topic`` is the maze state topic (then it is handled)."""
+    def handle(self, topic: str, payload: bytes, ack: Ack = NO_ACK) -> bool:
+        """True if ``topic`` is the maze state topic (then it is handled); a hint request takes
+        ``ack`` with it (agent.acks)."""
         if topic != self.state_topic:
             return False
         if len(payload) > self.config.max_payload_bytes:
@@ -144,7 +146,7 @@ class MazeHints:
             system_prompt=prompt, client_id=_text(data.get("clientId")),
             request_id=_text(data.get("requestId")),
         )
-        self.router.submit(request, partial(self._shape, sid, state))
+        self.router.submit(request, partial(self._shape, sid, state), ack)
         return True
 
     def _error(self, sid: str, topic: str, message: str) -> None:

@@ -1,15 +1,26 @@
 """The agent's MQTT connection (paho-mqtt 2.x): connect, subscribe, hand messages off, publish.
 
-paho's network thread reconnects on its own, with a capped exponential
-backoff, also when the broker is down at start; every (re)connect subscribes
-again. ``on_message`` only hands the payload to the router, which never blocks.
+paho's network thread reconnects on its own, also when the broker is down at
+start, after waits that agent.backoff draws (capped, exponential, jittered);
+every (re)connect subscribes again. The session is persistent: a stable client
+id (from ``--agent_id`` unless ``--client_id``), ``clean_start=False`` and
+``--session_expiry``, so QoS 1 requests published while the agent is away wait
+at the broker. Replies published while disconnected wait in paho's queue
+(unbounded) and go out on reconnect. ``on_message`` only hands the payload to
+the router, which never blocks.
+
+Requests are acknowledged by hand (``manual_ack``, agent.acks): the PUBACK goes
+after the reply was handed to paho, so a request the agent had received but not
+answered when it was killed is delivered again to the next process. The broker
+sends at most its limit of unacknowledged messages at a time: the Receive
+Maximum we send on MQTT 5 (65535), Mosquitto's ``max_inflight_messages``
+(default 20) on 3.1.1; the rest wait at the broker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import secrets
 import socket
 import threading
 import time
@@ -21,18 +32,24 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.acks import NO_ACK, Ack
+from agent.backoff import Backoff, DropCounter
 from agent.config import AgentConfig
+from agent.mqtt_tls import configure_tls, handshake_message
 
 log = logging.getLogger(__name__)
 
 QOS = 1
-# MQTT 5 session expiry: a named client's session (and its queued QoS 1 requests) outlives a
-# restart; a generated one only bridges a reconnect.
-NAMED_SESSION_EXPIRY_S = 24 * 3600
-GENERATED_SESSION_EXPIRY_S = 300
 _AUTH_FAILURES = {134, 135}  # bad user name or password, not authorized
+_TAKEN_OVER = 142  # MQTT 5 DISCONNECT: another client connected with our client id
+# Connections lost in a row within DropCounter's window: said once at ERROR, since it may be a
+# takeover that mosquitto signals by closing the socket, without MQTT 5's reason code 142.
+_FLAPPING = 3
+# Unacknowledged requests the broker may send us at once (MQTT 5): the most there is, so
+# that the agent's own --max_queue, not the broker, bounds what waits for a reply.
+RECEIVE_MAXIMUM = 65535
 
-Handler = Callable[[str, bytes, Properties | None], None]  # topic, payload, v5 properties
+Handler = Callable[[str, bytes, Properties | None, Ack], None]  # topic, payload, v5 props, ack
 Subscription = str | tuple[str, int]  # a topic (QoS 1) or (topic, QoS)
 
 
@@ -40,8 +57,16 @@ class MqttConnectError(ConnectionError):
     """The broker could not be reached, or refused us, in time."""
 
 
-def generated_client_id() -> str:
-    return f"vllm-deploy-{socket.gethostname()[:20]}-{os.getpid()}-{secrets.token_hex(3)}"
+def stable_client_id(agent_id: str) -> str:
+    """The default client id: the same after a restart, so the broker's session is resumed."""
+    return f"vllm-deploy-{agent_id}"
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
+    """TCP_NODELAY: a reply written right after the request's PUBACK would otherwise wait for
+    the broker's delayed ACK (Nagle), ~40 ms per request."""
+    with contextlib.suppress(OSError, AttributeError):  # a unix socket, a websocket wrapper
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
 class MqttClient:
@@ -52,33 +77,41 @@ class MqttClient:
         self.subscriptions = [(s, QOS) if isinstance(s, str) else s for s in subscriptions]
         self._handler = on_message
         self.v5 = config.mqtt_protocol == "5"
-        self.named = config.client_id is not None
-        self.client_id = config.client_id or generated_client_id()
+        from agent.status import default_agent_id
+
+        self.client_id = config.client_id or stable_client_id(config.agent_id or default_agent_id())
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            clean_session=None if self.v5 else not self.named,
+            clean_session=None if self.v5 else False,  # v5: clean_start=False in start()
+            manual_ack=True,  # agent.acks: a request is acknowledged once answered
         )
+        self._client.max_queued_messages_set(0)  # unbounded: no reply dropped while disconnected
         if config.mqtt_username is not None:
             self._client.username_pw_set(config.mqtt_username, config.mqtt_password)
+        configure_tls(self._client, config, self._on_tls_error)
         max_delay = config.reconnect_max_delay
-        self._client.reconnect_delay_set(min_delay=min(1.0, max_delay), max_delay=max_delay)  # type: ignore[arg-type]
+        self._backoff = Backoff(min(1.0, max_delay), max_delay)  # drawn before each retry
+        self._drops = DropCounter(max(60.0, 4 * max_delay))
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_socket_open = _no_delay
         self._subscribed = threading.Event()
         self._fatal: str | None = None
         self._last_error = "no answer from the broker"
         self._sub_mid: int | None = None
+        self._connection = 0  # counts successful connects: an Ack belongs to one of them
         self._unacked = 0
         self._acks = threading.Condition()
         self._qos0_mids: set[int] = set()  # stream messages in flight: not waited for
         self._started = False
         self._stopping = False
+        self._connected = False
         self.on_ready: Callable[[], None] | None = None  # each (re)connect, once subscribed
 
     @property
@@ -97,11 +130,9 @@ class MqttClient:
             kwargs: dict = {}
             if self.v5:
                 props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = (
-                    NAMED_SESSION_EXPIRY_S if self.named else GENERATED_SESSION_EXPIRY_S
-                )
-                clean_start = False if self.named else mqtt.MQTT_CLEAN_START_FIRST_ONLY
-                kwargs = {"properties": props, "clean_start": clean_start}
+                props.SessionExpiryInterval = self.config.session_expiry
+                props.ReceiveMaximum = RECEIVE_MAXIMUM
+                kwargs = {"properties": props, "clean_start": False}
             self._client.connect_async(
                 self.config.mqtt_broker, self.config.mqtt_port, self.config.mqtt_keepalive, **kwargs
             )
@@ -171,11 +202,7 @@ class MqttClient:
             if self._unacked > 0:
                 log.warning("%d replies not acknowledged by the broker at shutdown", self._unacked)
         self._stopping = True
-        props = None
-        if self.v5 and not self.named:  # nobody will resume a generated id's session
-            props = Properties(PacketTypes.DISCONNECT)
-            props.SessionExpiryInterval = 0
-        self._client.disconnect(properties=props)
+        self._client.disconnect()  # the session stays: requests sent meanwhile wait for us
         self._client.loop_stop()
 
     # ---- paho callbacks (network thread) ----
@@ -190,15 +217,27 @@ class MqttClient:
                 self._fatal = self._last_error
             log.error("MQTT broker %s refused the connection: %s", self.where, reason_code)
             return
-        log.info("connected to MQTT broker %s as %s (MQTT %s)", self.where, self.client_id,
-                 self.config.mqtt_protocol)
+        self._connected = True
+        self._connection += 1
+        self._backoff.reset()
+        resumed = getattr(flags, "session_present", False)
+        log.info("connected to MQTT broker %s as %s (MQTT %s, %s session)", self.where,
+                 self.client_id, self.config.mqtt_protocol, "resumed" if resumed else "new")
         result, self._sub_mid = client.subscribe(self.subscriptions)
         if result != mqtt.MQTT_ERR_SUCCESS:
             log.error("subscribing failed: %s", mqtt.error_string(result))
 
+    def _on_tls_error(self, exc: OSError) -> None:
+        """A failed TLS handshake; a certificate that does not verify fails start-up."""
+        message, fatal = handshake_message(exc)
+        if fatal:
+            self._fatal = message
+        log.error("MQTT broker %s: %s", self.where, message)
+
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._last_error = "cannot reach the broker"
-        log.warning("cannot reach MQTT broker %s; retrying", self.where)
+        wait = self._next_wait()
+        log.warning("cannot reach MQTT broker %s; retrying in %.1f s", self.where, wait)
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason_code: ReasonCode,
@@ -208,8 +247,27 @@ class MqttClient:
         with self._acks:
             self._qos0_mids.clear()  # lost with the connection
             self._acks.notify_all()
-        if not self._stopping:
-            log.warning("disconnected from MQTT broker %s (%s); reconnecting", self.where, reason_code)
+        was_connected, self._connected = self._connected, False
+        if self._stopping:
+            return
+        wait = self._next_wait()
+        drops = self._drops.record() if was_connected else 0
+        if reason_code.value == _TAKEN_OVER or drops == _FLAPPING:
+            why = ("another client connected with our client id" if drops < _FLAPPING else
+                   f"connection lost {drops} times in {self._drops.window:g} s: another client "
+                   "may be connecting with our client id")
+            log.error("MQTT broker %s dropped us: %s %s (two agents with the same --agent_id or "
+                      "--client_id take each other's session over; else see the broker's log); "
+                      "reconnecting in %.1f s", self.where, why, self.client_id, wait)
+            return
+        log.warning("disconnected from MQTT broker %s (%s); reconnecting in %.1f s",
+                    self.where, reason_code, wait)
+
+    def _next_wait(self) -> float:
+        """Draws the wait before paho's next reconnect attempt and hands it to paho."""
+        wait = self._backoff.next()
+        self._client.reconnect_delay_set(min_delay=wait, max_delay=wait)  # type: ignore[arg-type]
+        return wait
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: object, mid: int, reason_codes: list[ReasonCode],
@@ -229,14 +287,23 @@ class MqttClient:
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        ack = NO_ACK if message.qos == 0 else Ack(
+            client.ack, message.mid, message.qos, self._connection, self._current_connection)
         try:
             if message.retain:
                 # A retained request would be served again at every (re)subscribe.
                 log.warning("ignoring a retained message on %.200r", message.topic)
                 return
-            self._handler(message.topic, message.payload, message.properties if self.v5 else None)
+            self._handler(message.topic, message.payload, message.properties if self.v5 else None,
+                          ack)
         except Exception:  # an exception here would end paho's network thread
-            log.exception("handling a message failed")
+            log.exception("handling a message failed")  # acknowledged: it would fail again
+        finally:
+            if not ack.held:  # answered (or dropped) here; else its turn acknowledges it
+                ack()
+
+    def _current_connection(self) -> int:
+        return self._connection
 
     def _on_publish(
         self, client: mqtt.Client, userdata: object, mid: int, reason_code: ReasonCode,

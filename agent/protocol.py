@@ -165,7 +165,7 @@ class RequestParser:
             raise ProtocolError("Error: empty message", reply_topic, project, session_id)
         return ChatRequest(project, session_id, message, reply_topic, generated_session=True)
 
-    def _session(self, data: dict) -> tuple[str, bool]:
+    def _session(self, project: str, data: dict) -> tuple[str, bool]:
         value = data.get("sessionId")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
@@ -176,13 +176,16 @@ class RequestParser:
         problem = session_id_problem(value)
         if problem:
             raise ValueError(problem)
+        problem = self.topics.reply_problem(project, self.topics.default_reply(project, value))
+        if problem:  # e.g. "x/driving/user_input", or a control character
+            raise ValueError(f"sessionId cannot name a reply topic: {problem}")
         return value, False
 
     def _error(self, project: str, data: dict, reply: str) -> ProtocolError:
         """An error for ``data``, sent where its answer would have gone, if that is known."""
         request_id = _optional_id(data, "requestId")
         try:
-            session_id, _ = self._session(data)
+            session_id, _ = self._session(project, data)
         except ValueError:
             session_id = None
         if session_id is not None:
@@ -195,7 +198,7 @@ class RequestParser:
 
     def _from_object(self, project: str, data: dict) -> ChatRequest:
         try:
-            session_id, generated = self._session(data)
+            session_id, generated = self._session(project, data)
         except ValueError as exc:
             raise self._error(project, data, f"Error: {exc}") from None
         reply_topic = self.topics.confine_reply(project, data.get("replyTopic"), session_id)

@@ -127,6 +127,9 @@ FLAGS: tuple[Flag, ...] = (
        "reuse the KV of a cached prompt prefix (a session's earlier turns, a shared system "
        "prompt) instead of recomputing it"),
     _f("max_num_seqs", "int", 32, "engine", D, "sequences in one batch", minimum=1),
+    _f("enforce_eager", "bool", False, "engine", D,
+       "run every step eagerly; otherwise decode steps on a GPU replay CUDA graphs captured "
+       "for batch sizes 1, 2, 4, 8, 16, 32, ... up to --max_num_seqs"),
     _f("max_num_batched_tokens", "int", 4096, "engine", D,
        "tokens in one forward pass (long prompts are prefilled in chunks)", minimum=16),
     # generation
@@ -192,14 +195,17 @@ FLAGS: tuple[Flag, ...] = (
        "connect to the broker over TLS (certificate verification on)"),
     _f("mqtt_ca_certs", "str", None, "agent", Q,
        "CA certificate file (PEM) that signed the broker's certificate; unset: the system's "
-       "CAs", optional=True, metavar="FILE"),
+       "CAs; like the other TLS flags it needs --mqtt_tls (an error without it)", optional=True,
+       metavar="FILE"),
     _f("mqtt_certfile", "str", None, "agent", Q,
-       "client certificate file (PEM) for brokers that require one", optional=True,
+       "client certificate file (PEM) for brokers that require one; its key in the same file "
+       "or in --mqtt_keyfile (unencrypted)", optional=True,
        metavar="FILE"),
     _f("mqtt_keyfile", "str", None, "agent", Q,
        "private key file (PEM) of --mqtt_certfile", optional=True, metavar="FILE"),
     _f("mqtt_tls_insecure", "bool", False, "agent", Q,
-       "TLS without verifying the broker's certificate and host name (testing only)"),
+       "TLS without verifying the broker's certificate and host name (testing only; logs a "
+       "warning)"),
     _f("share_group", "str", None, "agent", Q,
        "subscribe through the shared subscription $share/NAME/<project>/user_input, so that "
        "several agents split the requests (use a shared --session_store)", optional=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,15 @@ LEGACY_REQUESTS = (*LEGACY_CHAT, LEGACY_SESSION)
 QOS_LEGACY = 0  # what the old game clients use
 MAX_TOPIC_BYTES = 65535
 WILDCARDS = ("+", "#", "\0")
+# Code points MQTT 5 says a topic should not hold and Mosquitto disconnects a publisher for:
+# one such reply topic would cut the agent off (and its QoS 1 retry, again after reconnecting).
+_REFUSED_BY_BROKERS = re.compile(
+    "[\x01-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]")
+# Any character topic_problem objects to (wildcards, the above, lone surrogates): one search
+# clears the usual topic (this runs a few times per request).
+_ANY_PROBLEM = re.compile(_REFUSED_BY_BROKERS.pattern[:-1] + "+#\0\ud800-\udfff]")
 
 
 def normalize_prefix(prefix: str) -> str:
@@ -39,10 +49,17 @@ def normalize_prefix(prefix: str) -> str:
 
 def topic_problem(topic: str) -> str | None:
     """Why ``topic`` cannot be published to, or None if it can."""
+    if (topic and not topic.startswith("$") and len(topic) <= MAX_TOPIC_BYTES // 4
+            and _ANY_PROBLEM.search(topic) is None):
+        return None  # at most 4 UTF-8 bytes a character: short enough
     if not topic:
         return "it is empty"
     if any(c in topic for c in WILDCARDS):
         return "it contains '+', '#' or NUL"
+    if topic.startswith("$"):
+        return "it starts with '$' (the broker's topics, shared subscriptions)"
+    if _REFUSED_BY_BROKERS.search(topic):
+        return "it contains a control character or a Unicode non-character"
     try:
         size = len(topic.encode("utf-8"))
     except UnicodeEncodeError:
@@ -64,6 +81,21 @@ def filters_overlap(a: str, b: str) -> bool:
     shorter, longer = sorted((levels_a, levels_b), key=len)
     rest = longer[len(shorter):]
     return not rest or rest == ["#"]  # "a/#" also matches "a"
+
+
+def looks_like_request(topic: str) -> bool:
+    """Whether ``topic`` has the shape of a request or control topic of some project under some
+    prefix (another agent on the same broker): ``.../P/user_input``, ``.../P/template[/sid]``,
+    ``.../maze/state``, ``.../llama/session``, ``.../llama[/driving]/user_input/sid``."""
+    levels = topic.split("/")
+    if len(levels) < 2:
+        return False
+    last, before = levels[-1], levels[-2]
+    if last == REQUEST or last in CONTROL or before in CONTROL:
+        return True
+    if (before, last) in ((MAZE, STATE), ("llama", "session")):
+        return True
+    return before == REQUEST and len(levels) >= 3 and levels[-3] in ("llama", "driving")
 
 
 class Topics:
@@ -142,8 +174,10 @@ class Topics:
         return None
 
     def is_reserved(self, topic: str) -> bool:
-        """A request or control topic of any project: never published to."""
-        return topic in self._reserved_exact or topic.startswith(self._reserved_under)
+        """A request or control topic of any project, ours or another agent's (any prefix):
+        never published to."""
+        return (topic in self._reserved_exact or topic.startswith(self._reserved_under)
+                or looks_like_request(topic))
 
     def publishable(self, topic: str) -> bool:
         return topic_problem(topic) is None and not self.is_reserved(topic)

@@ -5,7 +5,9 @@
 
 A private Mosquitto is started on a free port. Two services run beside it, each
 in its own process: the agent (projects ``general``) with an *instant* engine
-(it answers ``pong`` from inside ``submit``: no model, no timer thread), and the
+(it answers ``pong`` from inside ``submit``: no model, no timer thread; a short
+request is then served whole on the agent's MQTT thread, whereas the real engine
+answers from its loop thread and one hand-off to a worker remains), and the
 floor any Python MQTT service pays: a paho client that subscribes, reads the
 request's ``replyTopic`` and publishes the payload back there (QoS 1). The load
 generator, a third process, runs N closed-loop clients (each sends its next
@@ -13,7 +15,9 @@ request when the reply to the last one arrives; every request a new session, so
 no rate limit or history), spread over at most 10 connections, QoS 1 both
 ways. For each N the echo run goes first, then the agent's; the first second of
 each run is warm-up and is not counted. Added latency is the agent's percentile
-minus the echo's.
+minus the echo's. CPU per request is the service process's CPU time (user +
+system) over the whole run divided by the replies it sent: on a busy machine
+it moves far less than the rates do.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import paho.mqtt.client as mqtt  # noqa: E402
+import psutil  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
 from tests.mqtt_broker import start_broker  # noqa: E402
@@ -158,8 +163,10 @@ class Load:
             if self.running:
                 self._send(c)
 
-    def run(self, seconds: float) -> tuple[float, float, float]:
-        """Requests/s, p50 and p99 latency (ms) after the warm-up."""
+    def run(self, seconds: float, service: psutil.Process) -> tuple[float, float, float, float]:
+        """Requests/s, p50 and p99 latency (ms) after the warm-up, and the ``service``
+        process's CPU ms per request."""
+        cpu = sum(service.cpu_times()[:2])
         self.running = True
         with self.lock:
             for c in range(self.n):
@@ -169,6 +176,7 @@ class Load:
         with self.lock:
             self.running = False
         time.sleep(0.5)  # let the last replies drain
+        cpu_ms = (sum(service.cpu_times()[:2]) - cpu) * 1000 / max(1, len(self.latencies))
         counted = sorted(lat for at, lat in self.latencies
                          if start + WARMUP_S <= at <= start + WARMUP_S + seconds)
         for conn in self.conns:
@@ -177,7 +185,7 @@ class Load:
         if not counted:
             raise RuntimeError("no replies: is the service up?")
         pick = lambda q: counted[min(len(counted) - 1, int(q * len(counted)))] * 1000  # noqa: E731
-        return len(counted) / seconds, pick(0.50), pick(0.99)
+        return len(counted) / seconds, pick(0.50), pick(0.99), cpu_ms
 
 
 def main() -> None:
@@ -208,8 +216,8 @@ def main() -> None:
             assert child.stdout is not None and child.stdout.readline().strip() == "ready", kind
         rows = []
         for n in (int(x) for x in args.clients.split(",")):
-            echo = Load(broker.port, "echo", n).run(args.seconds)
-            agent = Load(broker.port, "agent", n).run(args.seconds)
+            echo = Load(broker.port, "echo", n).run(args.seconds, psutil.Process(children[0].pid))
+            agent = Load(broker.port, "agent", n).run(args.seconds, psutil.Process(children[1].pid))
             rows.append((n, echo, agent))
             print(f"{n} clients: echo {echo[0]:.0f}/s, agent {agent[0]:.0f}/s", file=sys.stderr)
     finally:
@@ -217,11 +225,13 @@ def main() -> None:
             child.communicate("", timeout=30)
         broker.stop()
     print("| clients | echo req/s | agent req/s | agent / echo | echo p50 ms | agent p50 ms "
-          "| added p50 ms | echo p99 ms | agent p99 ms | added p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, (e_rps, e50, e99), (a_rps, a50, a99) in rows:
+          "| added p50 ms | echo p99 ms | agent p99 ms | added p99 ms | echo CPU ms/req "
+          "| agent CPU ms/req |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, (e_rps, e50, e99, e_cpu), (a_rps, a50, a99, a_cpu) in rows:
         print(f"| {n} | {e_rps:.0f} | {a_rps:.0f} | {a_rps / e_rps:.0%} | {e50:.2f} | {a50:.2f} "
-              f"| {a50 - e50:+.2f} | {e99:.2f} | {a99:.2f} | {a99 - e99:+.2f} |")
+              f"| {a50 - e50:+.2f} | {e99:.2f} | {a99:.2f} | {a99 - e99:+.2f} | {e_cpu:.3f} "
+              f"| {a_cpu:.3f} |")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ class Tokenizer:
         backend = getattr(hf_tokenizer, "_tokenizer", None)
         plain = not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False)
         self._backend = backend if plain and hasattr(backend, "decode") else None
+        # Encoding likewise (the agent tokenizes every prompt): transformers' encode of a fast
+        # tokenizer resets truncation and padding (nothing here sets them) and then calls the
+        # backend; taken only where a probe encodes the same both ways.
+        self._encoder = backend if _encodes_like(hf_tokenizer, backend) else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, extra_eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
@@ -51,7 +55,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    @property
+    def fast_encode(self) -> bool:
+        """Whether ``encode`` calls the Rust backend directly (safe from several threads)."""
+        return self._encoder is not None
+
     def encode(self, text: str) -> list[int]:
+        if self._encoder is not None:
+            return self._encoder.encode(text, add_special_tokens=False).ids
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -76,3 +87,17 @@ class Tokenizer:
     ) -> list[int]:
         """Token ids of the rendered conversation, exactly as the engine will see them."""
         return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def _encodes_like(hf_tokenizer, backend) -> bool:
+    """Whether the backend's own encode gives what ``hf_tokenizer.encode`` gives."""
+    if (backend is None or not hasattr(backend, "encode") or getattr(backend, "truncation", 1)
+            or getattr(backend, "padding", 1) or getattr(hf_tokenizer, "split_special_tokens", True)):
+        return False
+    special = "".join(str(t) for t in getattr(hf_tokenizer, "all_special_tokens", [])[:3])
+    probe = f" Hello{special}  wörld\n\n\t<|x|> 42 ünïcode 🙂{special}end "
+    try:
+        return backend.encode(probe, add_special_tokens=False).ids == list(
+            hf_tokenizer.encode(probe, add_special_tokens=False))
+    except Exception:  # an unusual backend: the slow path is always right
+        return False

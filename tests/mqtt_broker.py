@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,11 +77,16 @@ def _launch(workdir: Path, port: int) -> subprocess.Popen:
 
 
 def start_broker(
-    users: dict[str, str] | None = None, port: int | None = None, attempts: int = 3
+    users: dict[str, str] | None = None, port: int | None = None, attempts: int = 3,
+    listener_options: Sequence[str] = (),
+    persistence: bool = False,
 ) -> Broker:
     """A running broker; with ``users``, anonymous access is off and a password file is used.
 
     ``port`` picks the port (a test that starts the agent before its broker); else a free one.
+    ``listener_options``: lines for the listener, e.g. ``certfile ...`` for TLS.
+    ``persistence``: sessions, queued messages and retained ones survive ``restart()``
+    (saved when mosquitto stops on SIGTERM).
     """
     if users and not MOSQUITTO_PASSWD:
         raise RuntimeError("mosquitto_passwd is not installed")
@@ -90,7 +96,9 @@ def start_broker(
         listen_port = port or free_port()
         lines = [
             f"listener {listen_port} 127.0.0.1",
-            "persistence false",
+            *listener_options,
+            *(["persistence true", f"persistence_location {workdir}/"] if persistence
+              else ["persistence false"]),
             f"user {getpass.getuser()}",  # as root, mosquitto would drop to a user that cannot read our files
             f"log_dest file {workdir / 'mosquitto.log'}",
             "log_type error",

@@ -22,6 +22,7 @@ from agent.rate_limit import RATE_LIMITED
 from engine import create_engine
 from engine.api import EngineConfig
 from projects import load_project
+from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
 from tests.checkpoints import tiny_checkpoint
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available
@@ -30,6 +31,7 @@ from tests.old_client import OldClient
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
+    pytest.mark.usefixtures("every_request_acked"),
 ]
 PROTOCOLS = ["3.1.1", "5"]
 PROJECTS = {p: replace(load_project(p), output_rules=None) for p in ("maze", "driving")}

@@ -14,6 +14,7 @@ import pytest
 from agent.app import Agent
 from agent.config import AgentConfig
 from agent.legacy import RESET_REPLY
+from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
 from tests.fake_engine import FakeEngine
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
 from tests.mqtt_broker import Broker, mosquitto_available
@@ -22,6 +23,7 @@ from tests.old_client import OldClient
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed"),
+    pytest.mark.usefixtures("every_request_acked"),
 ]
 NOT_JSON = "You can do it, follow the glowing path to the exit!"
 

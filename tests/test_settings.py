@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -309,7 +310,7 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
 
     class FakeAgent:
         def __init__(self, config: AgentConfig, engine: object, projects: dict,
-                     info: object = None) -> None:
+                     info: object = None, **extra: object) -> None:  # store, service
             seen["agent_projects"], seen["info"] = dict(projects), info
 
         def run_forever(self) -> None:
@@ -317,7 +318,7 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
 
     def fake_create_engine(config: object) -> object:
         seen["engine_config"] = config
-        return object()
+        return SimpleNamespace(quantization="awq 4-bit, group 128")  # as the engine loaded it
 
     monkeypatch.setattr(projects, "load_project", lambda name: specs[name])
     monkeypatch.setattr(engine.model_source, "resolve_model", lambda *a, **kw: tmp_path)
@@ -331,7 +332,8 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
     assert dict(config.project_shares) == {"maze": 3.0, "driving": 1.0, "general": 1.0}
     assert config.kv_cache_dtype == "fp8" and config.model_path == str(tmp_path)
     assert set(seen["agent_projects"]) == {"maze", "driving", "general"} and seen["ran"]
-    assert seen["info"] == AgentInfo(model=settings.model, quantization="none")  # status topic
+    # the status topic names the method the engine found in the checkpoint
+    assert seen["info"] == AgentInfo(model=settings.model, quantization="awq 4-bit, group 128")
 
 
 def test_legacy_topic_settings() -> None:
@@ -384,7 +386,9 @@ def test_parsing_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=60)
 
 
-def test_systemd_files() -> None:
+def test_systemd_env_example_parses(tmp_path: Path) -> None:
+    """Every variable of the example environment file is a flag, and together they parse
+    (the unit itself: tests/test_systemd.py)."""
     text = (ROOT / "systemd" / "vllm-deploy.env.example").read_text(encoding="utf-8")
     known = {f.env for f in FLAGS}
     env = {}
@@ -395,15 +399,13 @@ def test_systemd_files() -> None:
         elif line.startswith("#VLLM_DEPLOY_"):
             assert line[1:].split("=", 1)[0] in known, line
     assert set(env) <= known
+    password = tmp_path / "mqtt_password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    env["VLLM_DEPLOY_MQTT_PASSWORD_FILE"] = str(password)  # the example's path is the box's
     settings = parse(env=env)
     assert settings.projects == ("maze", "driving", "bloodcell", "racing")
-    assert settings.sources["mqtt_password"] == "environment" and not settings.notices
-    unit = (ROOT / "systemd" / "vllm-deploy.service").read_text(encoding="utf-8")
-    for line in ("Type=simple", "EnvironmentFile=/etc/vllm-deploy/vllm-deploy.env",
-                 "Restart=on-failure", "User=vllm-deploy",
-                 "ExecStart=/opt/vllm-deploy/.venv/bin/python /opt/vllm-deploy/vLLMDeploy.py"):
-        assert f"\n{line}\n" in unit, line
-    assert "notify" not in unit.replace("sd_notify readiness comes", "")
+    assert settings.agent_config().mqtt_password == "secret" and not settings.notices
 
 
 def test_default_max_model_len_is_only_a_limit() -> None:
