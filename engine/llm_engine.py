@@ -9,6 +9,9 @@ token ids, prompt + max_tokens over ``max_model_len``, a request id already in
 flight) finish with ``finish_reason="error"`` and a readable ``error``; ``submit``
 never raises for them. A request submitted after ``shutdown`` is answered at once,
 on the caller's thread, with ``finish_reason="cancelled"``.
+
+``engine.engine_builder`` loads the model and builds the parts the loop runs on;
+``engine.request_tracker`` keeps the requests in flight and assembles their results.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,27 +32,15 @@ from engine.api import (
     GenerationResult,
     SamplingParams,
 )
-from engine.block_manager import BlockManager
-from engine.cuda_graphs import DecodeGraphs
-from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_builder import build_core, load_model_for
 from engine.engine_stats import EngineStats
-from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
-from engine.model_runner import ModelRunner
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.request_tracker import RequestTracker, call_safely
 from engine.tokenizer import Tokenizer
-from engine.validation import check_supported, empty_result, validate_request
+from engine.validation import check_supported, empty_result
 
 log = logging.getLogger(__name__)
 
 IDLE_TICK_S = 1.0  # an idle loop still wakes this often, so its heartbeat stays fresh
-
-
-@dataclass
-class _Active:
-    request: GenerationRequest
-    seq: Sequence
-    detok: IncrementalDetokenizer
 
 
 class LLMEngine:
@@ -66,48 +55,26 @@ class LLMEngine:
         dtype: torch.dtype,
         kv_scales: tuple[list[float], list[float]] | None = None,
     ) -> None:
-        """Plans memory and allocates the paged KV cache once (``engine.kv_setup``);
+        """Plans memory and allocates the paged KV cache once (``engine.engine_builder``);
         ``kv_scales``: the checkpoint's per-layer fp8 KV scales, if any."""
         check_supported(config)
         self.config = config
         self.tokenizer = tokenizer
-        model_max = int(model.config.max_position_embeddings)
-        if config.max_model_len is not None and config.max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the model's "
-                f"max_position_embeddings {model_max}"
-            )
-        self.max_model_len: int = config.max_model_len or min(
-            model_max, config.max_model_len_limit or model_max
-        )
-        self.vocab_size = int(model.config.vocab_size)
-        self.memory_plan = plan_kv_cache(model, config, device, dtype, self.max_model_len)
-        kv_cache = allocate_kv_cache(model, self.memory_plan, config, device, dtype, kv_scales)
-        graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
-            graphs = DecodeGraphs(model, model.config.hidden_size, dtype, device,
-                                  config.max_num_seqs, self.max_model_len, config.block_size)
-        self.runner = ModelRunner(model, kv_cache, device, seed=config.seed, graphs=graphs)
-        self.block_manager = BlockManager(
-            self.memory_plan.num_blocks, config.block_size,
-            project_shares=dict(config.project_shares) or None,
-            enable_prefix_caching=config.enable_prefix_caching,
-        )
-        self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, self.block_manager
-        )
-        shares = ", ".join(
-            f"{p} {self.block_manager.share_blocks(p) * config.block_size} tokens"
-            for p, _ in config.project_shares
-        )
-        log.info("KV tokens per project (share): %s", shares or "one pool, shared by the "
-                 "projects as they appear")
+        core = build_core(config, model, device, dtype, kv_scales)
+        self.max_model_len: int = core.max_model_len
+        self.vocab_size = core.vocab_size
+        self.memory_plan = core.memory_plan
+        self.runner = core.runner
+        self.block_manager = core.block_manager
+        self.scheduler = core.scheduler
         self._inbox: queue.Queue[tuple[str, Any, float]] = queue.Queue()
-        self._active: dict[str, _Active] = {}  # loop thread only
         self._lock = threading.Lock()  # guards _closed and _thread
         self._closed = False
         self._thread: threading.Thread | None = None
         self._stats = EngineStats()
+        self._requests = RequestTracker(  # loop thread only
+            tokenizer, self.scheduler, self.runner, self._stats, self.max_model_len, self.vocab_size
+        )
         self.quantization = "none"  # the weights' method as loaded (from_config sets it)
         self._heartbeat = time.monotonic()
 
@@ -115,27 +82,12 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Load tokenizer and model for ``config``; call ``start()`` before submitting."""
         check_supported(config)  # before any slow loading
-        from engine.config import ModelConfig
-        from engine.device import resolve_device, resolve_dtype
-        from engine.loader import load_model
-        from engine.quantization import resolve as resolve_quantization
-
-        device = resolve_device(config.device)
-        model_config = ModelConfig.from_pretrained(config.model_path)
-        dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
-        tokenizer = Tokenizer.from_pretrained(
-            config.model_path, extra_eos_token_ids=tuple(model_config.eos_token_ids)
-        )
-        quant = resolve_quantization(
-            config.quantization, config.model_path, model_config.quantization_config,
-            {"bnb_quant_type": config.bnb_quant_type},
-        )
-        model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)
-        kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
-        engine = cls(config, tokenizer, model, device, dtype, kv_scales)
-        engine.quantization = quant.describe() if quant is not None else "none"
-        log.info("engine ready: %s on %s (%s, KV cache %s)", config.model_path, device, dtype,
-                 engine.runner.kv_cache.cache_dtype)
+        loaded = load_model_for(config)
+        engine = cls(config, loaded.tokenizer, loaded.model, loaded.device, loaded.dtype,
+                     loaded.kv_scales)
+        engine.quantization = loaded.quantization
+        log.info("engine ready: %s on %s (%s, KV cache %s)", config.model_path, loaded.device,
+                 loaded.dtype, engine.runner.kv_cache.cache_dtype)
         return engine
 
     # -- public interface (any thread) -------------------------------------------------------
@@ -154,7 +106,7 @@ class LLMEngine:
             if not self._closed:
                 self._inbox.put(("add", request, time.monotonic()))
                 return
-        self._call(request.on_done, empty_result(request, "cancelled", "the engine is shut down"))
+        call_safely(request.on_done, empty_result(request, "cancelled", "the engine is shut down"))
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -194,7 +146,7 @@ class LLMEngine:
             thread = self._thread
         if thread is None:
             self._drain_inbox(block=False)
-            self._cancel_all()
+            self._requests.cancel_all()
             return
         if thread is threading.current_thread():
             return  # called from a callback: the loop stops after this step
@@ -242,7 +194,7 @@ class LLMEngine:
                     self._step()
             except Exception:  # a bug; keep serving the other requests
                 log.exception("engine loop iteration failed")
-        self._cancel_all()
+        self._requests.cancel_all()
         log.debug("engine loop stopped")
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -256,37 +208,20 @@ class LLMEngine:
             block = False
             if kind == "add":
                 try:
-                    self._add(payload, t)
+                    self._requests.add(payload, t)
                 except Exception as exc:  # a bug: answer the request, keep the loop
                     log.exception("adding request %s failed", payload.request_id)
-                    self._call(payload.on_done, empty_result(payload, "error", repr(exc), t))
-            elif kind == "cancel" and payload in self._active:
-                self._finish(self._active[payload].seq, "cancelled")
+                    call_safely(payload.on_done, empty_result(payload, "error", repr(exc), t))
+            elif kind == "cancel":
+                self._requests.cancel(payload)
             elif kind == "stop":
                 stop = True
-
-    def _add(self, request: GenerationRequest, arrival: float) -> None:
-        error = validate_request(request, self.max_model_len, self.vocab_size)
-        if error is None and request.request_id in self._active:
-            error = f"request id {request.request_id!r} is already in flight"
-        if error is not None:
-            log.info("rejected request %s: %s", request.request_id, error)
-            self._stats.add(processed=1, errors=1)
-            self._call(request.on_done, empty_result(request, "error", error, arrival))
-            return
-        ids, sampling = request.prompt_token_ids, request.sampling
-        seq = Sequence(request.request_id, ids, sampling, request.project, arrival_time=arrival)
-        eos = () if sampling.ignore_eos else self.tokenizer.eos_token_ids
-        detok = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop, eos)
-        self._active[request.request_id] = _Active(request, seq, detok)
-        self.scheduler.add(seq)
-        self._update_sizes()
 
     def _step(self) -> None:
         start = time.monotonic()
         batch = self.scheduler.schedule()
         for seq in batch.failed:
-            self._finish(seq, "error", seq.error or "the request does not fit in the KV cache")
+            self._requests.finish(seq, "error", seq.error or "the request does not fit in the KV cache")
         if batch.is_empty:
             return
         prompt_tokens = sum(
@@ -297,58 +232,16 @@ class LLMEngine:
         except Exception as exc:
             log.exception("forward pass failed; failing its %d requests", len(batch))
             for seq in batch.seqs:
-                self._finish(seq, "error", f"forward pass failed: {type(exc).__name__}: {exc}")
+                self._requests.finish(seq, "error", f"forward pass failed: {type(exc).__name__}: {exc}")
             return
         self.scheduler.update(batch, tokens)
         for seq, produced in zip(batch.seqs, batch.produces_token, strict=True):
             if not produced:
                 continue  # a prefill chunk that does not reach the prompt's end yet
             try:
-                self._postprocess(seq)
+                self._requests.postprocess(seq)
             except Exception as exc:  # a bug, not the request's fault: fail this one only
                 log.exception("postprocessing request %s failed", seq.request_id)
-                self._finish(seq, "error", f"internal error: {type(exc).__name__}: {exc}")
+                self._requests.finish(seq, "error", f"internal error: {type(exc).__name__}: {exc}")
         self._stats.record_step(start, time.monotonic(), prompt_tokens, sum(batch.produces_token))
-        self._update_sizes()
-
-    def _postprocess(self, seq: Sequence) -> None:
-        act = self._active[seq.request_id]
-        delta = act.detok.add_token(seq.last_token_id)
-        reason = "stop" if act.detok.stopped else None
-        if reason is None and (
-            seq.num_completion_tokens >= seq.sampling.max_tokens
-            or seq.num_tokens >= self.max_model_len
-        ):
-            delta += act.detok.flush()  # may still find a stop string in held-back text
-            reason = "stop" if act.detok.stopped else "length"
-        if delta and act.request.on_delta is not None:
-            self._call(act.request.on_delta, delta)
-        if reason is not None:
-            self._finish(seq, reason)
-
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        act = self._active.pop(seq.request_id, None)
-        if act is None or act.seq is not seq:
-            return
-        seq.finish(reason, error)
-        self.scheduler.remove(seq)
-        self.runner.free(seq)
-        result = seq.to_result(act.detok.text)
-        self._stats.add(processed=1, errors=reason == "error", cancelled=reason == "cancelled")
-        log.debug("request %s finished (%s) after %.3f s", seq.request_id, reason, result.total_s)
-        self._call(act.request.on_done, result)
-
-    def _cancel_all(self) -> None:
-        for act in list(self._active.values()):
-            self._finish(act.seq, "cancelled", "the engine shut down")
-        self._update_sizes()
-
-    def _update_sizes(self) -> None:
-        self._stats.set(running=self.scheduler.num_running, waiting=self.scheduler.num_waiting)
-
-    @staticmethod
-    def _call(fn: Callable[[Any], None], arg: Any) -> None:
-        try:
-            fn(arg)
-        except Exception:
-            log.exception("a request callback raised; the engine carries on")
+        self._requests.update_sizes()
