@@ -60,12 +60,14 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(b, width, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed = False  # a capture failed: every step runs eagerly from then on
         self.runs = 0  # batches run through the static buffers
         self.replays = 0  # ... of them replayed from a captured graph
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (
-            meta.decode_only
+            not self.failed
+            and meta.decode_only
             and meta.num_seqs <= self.sizes[-1]
             and meta.block_tables.shape[1] <= self.block_tables.shape[1]
         )
@@ -79,7 +81,15 @@ class DecodeGraphs:
         if not self.capture:
             return self.model(self.input_ids[:size], self.positions[:size], self._meta(size))[:n]
         if not self.graphs:
-            self._capture_all()
+            try:
+                self._capture_all()
+            except Exception:  # an op that cannot be captured (a host sync in a library kernel)
+                log.warning("CUDA graphs: capture failed, decode steps run eagerly from now on",
+                            exc_info=True)
+                self.failed, self.graphs = True, {}
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize(self.device)
+                return self.model(input_ids, positions, meta)
         graph, out = self.graphs[size]
         graph.replay()
         self.replays += 1

@@ -84,6 +84,23 @@ def test_padding_rows_write_no_kv() -> None:
     eng.shutdown()
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(caplog: pytest.LogCaptureFixture) -> None:
+    """Capture on a machine where it cannot work (here: no CUDA at all) logs one warning,
+    answers that step eagerly, and leaves every later step eager: same tokens as eager."""
+    eager = engine("cpu")
+    want = [r.token_ids for r in eager.generate(prompts(3), GREEDY, timeout=60)]
+    eager.shutdown()
+    eng = engine("cpu")
+    graphs = static_path(eng, 4)
+    graphs.capture = True
+    with caplog.at_level("WARNING", logger="engine.cuda_graphs"):
+        got = [r.token_ids for r in eng.generate(prompts(3), GREEDY, timeout=60)]
+    eng.shutdown()
+    assert got == want
+    assert graphs.failed and graphs.runs == 1 and graphs.replays == 0
+    assert sum("capture failed" in r.getMessage() for r in caplog.records) == 1
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
