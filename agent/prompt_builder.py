@@ -1,8 +1,10 @@
 """System prompt + history + new user turn -> prompt token ids, trimmed by exact token count.
 
 The rendered system prompt (the head of every prompt of a session, and of every
-session of a project) is tokenized once and kept (``HeadCache``); each prompt
-then tokenizes only what follows it, where that is known to give the same ids.
+session of a project) is tokenized once and kept (``HeadCache``), and so is what
+follows the newest user text (its end marker and the generation prompt); each
+prompt then tokenizes only what lies between, where that is known to give the same
+ids. The text itself comes from agent.chat_skeleton (no template render per prompt).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from agent.chat_skeleton import ChatSkeletons, Skeleton, Turn, to_messages
 from engine.tokenizer import Tokenizer
 
-Turn = tuple[str, str]  # (user, assistant)
+__all__ = ["HeadCache", "Prompt", "PromptBuilder", "PromptTooLong", "Turn", "prompt_limit",
+           "to_messages"]
 
 
 class PromptTooLong(ValueError):
@@ -32,15 +36,6 @@ def prompt_limit(max_history_tokens: int, max_tokens: int, token_budget: int, ma
     return min(max_history_tokens, token_budget - max_tokens, max_model_len - max_tokens)
 
 
-def to_messages(system_prompt: str, turns: list[Turn], message: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for user, assistant in turns:
-        messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": assistant})
-    messages.append({"role": "user", "content": message})
-    return messages
-
-
 @dataclass(frozen=True)
 class Head:
     text: str  # how every rendered prompt with this system prompt begins
@@ -48,13 +43,17 @@ class Head:
 
 
 class HeadCache:
-    """Token ids of the rendered system prompt, per system prompt (the ``max_heads`` last used).
+    """Token ids of the rendered system prompt, per system prompt (the ``max_heads`` last used),
+    and of a prompt's tail (what follows the newest user text), per tail.
 
-    The head ends where a special token begins (``<|im_start|>`` of the user turn):
-    tokenizers split the text at special tokens before anything else, so the ids of
-    head + rest are the head's ids followed by the rest's. That is checked on a probe
-    prompt when a head is made; a template or tokenizer where it does not hold (or that
-    puts the system prompt elsewhere) gets no head, and its prompts are tokenized whole.
+    The head ends where a special token begins (``<|im_start|>`` of the user turn), and
+    the tail begins with one (``<|im_end|>``): tokenizers split the text at special
+    tokens before anything else, so the ids of head + middle + tail are the head's ids,
+    the middle's and the tail's. That is checked on a probe prompt when a head or tail
+    is made; a template or tokenizer where it does not hold (or that puts the system
+    prompt elsewhere) gets none, and its prompts are tokenized whole. A tail is split
+    off only after a plain user text (agent.chat_skeleton.plain: nothing at its end
+    that a special token could strip or join).
     """
 
     PROBE = "probe message"
@@ -67,14 +66,24 @@ class HeadCache:
             getattr(tokenizer.hf, "all_special_tokens", []))
         self._specials.discard("")
         self._heads: OrderedDict[str, Head | None] = OrderedDict()
+        self._tails: dict[str, list[int] | None] = {}
         self._lock = threading.Lock()
+        self.skeletons = ChatSkeletons(tokenizer.render_chat)
 
     def ids(self, system_prompt: str, turns: list[Turn], message: str) -> list[int]:
-        text = self.tokenizer.render_chat(to_messages(system_prompt, turns, message))
+        text, skeleton = self.skeletons.render(system_prompt, turns, message)
         head = self._head(system_prompt)
-        if head is not None and text.startswith(head.text):
-            return head.token_ids + self.tokenizer.encode(text[len(head.text):])
-        return self.tokenizer.encode(text)
+        if head is None or not text.startswith(head.text):
+            head = None
+        tail = None if skeleton is None else self._tail(skeleton, len(turns))
+        start = 0 if head is None else len(head.text)
+        end = len(text) if tail is None or skeleton is None else len(text) - len(skeleton.tail)
+        if start > end:  # the head reaches into the tail: split nowhere
+            head, tail, start, end = None, None, 0, len(text)
+        ids = self.tokenizer.encode(text[start:end])
+        if head is not None:
+            ids = head.token_ids + ids
+        return ids if tail is None else ids + tail
 
     def _head(self, system_prompt: str) -> Head | None:
         with self._lock:
@@ -99,6 +108,24 @@ class HeadCache:
         if head.token_ids + encode(probe[cut:]) != encode(probe):
             return None
         return head
+
+    def _tail(self, skeleton: Skeleton, n_turns: int) -> list[int] | None:
+        """The tail's ids, if it begins with a special token and splitting there keeps the ids
+        (checked on the skeleton filled with probe texts)."""
+        tail = skeleton.tail
+        if tail in self._tails:  # a few distinct tails (one per template): no eviction
+            return self._tails[tail]
+        ids = None
+        if any(tail.startswith(s) for s in self._specials):
+            encode = self.tokenizer.encode
+            probe = skeleton.fill([self.PROBE] * (2 * n_turns + 1))
+            ids = encode(tail)
+            if encode(probe[:len(probe) - len(tail)]) + ids != encode(probe):
+                ids = None
+        with self._lock:
+            if len(self._tails) < 64:
+                self._tails[tail] = ids
+        return ids
 
 
 class PromptBuilder:
