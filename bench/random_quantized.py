@@ -12,11 +12,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.loader import checkpoint_tensor_files
 from engine.quantization.packing import pack_awq, pack_gptq_cols, pack_gptq_rows
+from engine.tensor_files import open_tensor_file
 from engine.tiny_checkpoint import build_once
 
 GROUP = 128
@@ -34,8 +34,8 @@ def _build(plain: Path, out: Path, method: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for name, file in checkpoint_tensor_files(plain).items():
-        with safe_open(str(file), framework="pt") as fh:
-            tensor = fh.get_tensor(name)
+        with open_tensor_file(file) as fh:
+            tensor = fh.get(name)
         layer, _, leaf = name.rpartition(".")
         if leaf == "weight" and layer.rsplit(".", 1)[-1] in _LINEARS:
             tensors.update(_quantized_layer(layer, tensor.shape[1], tensor.shape[0], method, gen))

@@ -64,6 +64,8 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
+        if self.bnb_quant_type not in ("nf4", "fp4", "int8"):
+            raise ValueError(f"bnb_quant_type must be nf4, fp4 or int8, got {self.bnb_quant_type!r}")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be 8, 16, 32, 64 or 128, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

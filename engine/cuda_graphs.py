@@ -76,11 +76,8 @@ class DecodeGraphs:
         """``hidden [n, hidden]`` of a decode-only batch (``can_run(meta)`` must hold)."""
         n = meta.num_seqs
         size = next(s for s in self.sizes if s >= n)
-        self._fill(input_ids, positions, meta, n, size)
         self.runs += 1
-        if not self.capture:
-            return self.model(self.input_ids[:size], self.positions[:size], self._meta(size))[:n]
-        if not self.graphs:
+        if self.capture and not self.graphs:  # before the batch is copied in: capture pads all rows
             try:
                 self._capture_all()
             except Exception:  # an op that cannot be captured (a host sync in a library kernel)
@@ -90,6 +87,9 @@ class DecodeGraphs:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize(self.device)
                 return self.model(input_ids, positions, meta)
+        self._fill(input_ids, positions, meta, n, size)
+        if not self.capture:
+            return self.model(self.input_ids[:size], self.positions[:size], self._meta(size))[:n]
         graph, out = self.graphs[size]
         graph.replay()
         self.replays += 1
@@ -130,7 +130,6 @@ class DecodeGraphs:
     def _capture_all(self) -> None:
         started = time.monotonic()
         free_before = torch.cuda.mem_get_info(self.device)[0]
-        saved = self._save_inputs()
         pool = None
         for size in reversed(self.sizes):  # the largest first: the others reuse its memory
             self._fill_padding(size)
@@ -147,7 +146,6 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = (graph, out)
         torch.cuda.synchronize(self.device)
-        self._restore_inputs(saved)
         used = free_before - torch.cuda.mem_get_info(self.device)[0]
         log.info("CUDA graphs: captured decode batch sizes %s in %.1fs (%.1f MiB)", self.sizes,
                  time.monotonic() - started, used / 2**20)
@@ -159,12 +157,3 @@ class DecodeGraphs:
         self.slot_mapping[:size].fill_(-1)
         self.seq_lens[:size].fill_(1)
         self.block_tables[:size].zero_()
-
-    def _save_inputs(self) -> list[torch.Tensor]:
-        return [t.clone() for t in (self.input_ids, self.positions, self.slot_mapping,
-                                    self.seq_lens, self.block_tables)]
-
-    def _restore_inputs(self, saved: list[torch.Tensor]) -> None:
-        for dst, src in zip((self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
-                             self.block_tables), saved, strict=True):
-            dst.copy_(src)

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import time
 
-from engine.api import EngineConfig, GenerationRequest, GenerationResult, UnsupportedError
+from engine.api import EngineConfig, GenerationRequest, GenerationResult
 
 
 def check_supported(config: EngineConfig) -> None:
     """Raise ``UnsupportedError`` for options this engine does not implement."""
-    from engine.quantization import method_names
+    from engine.quantization import normalise_method
 
-    quant = config.quantization
-    names = ("none", "auto", "compressed-tensors", *method_names())
-    if quant is not None and quant.lower() not in names:
-        raise UnsupportedError(f"quantization {quant!r} is not supported; choose one of {', '.join(names)}")
-    if config.bnb_quant_type not in ("nf4", "fp4", "int8"):
-        raise UnsupportedError(f"bnb_quant_type must be nf4, fp4 or int8, got {config.bnb_quant_type!r}")
+    normalise_method(config.quantization)  # the one place that knows the names and aliases
 
 
 def validate_request(request: GenerationRequest, max_model_len: int, vocab_size: int) -> str | None:

@@ -29,7 +29,7 @@ PRE_QUANTIZED_ONLY = ("awq", "gptq", "squeezellm")  # cannot quantize a plain mo
 _ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq", "marlin": "gptq", "bnb": "bitsandbytes"}
 _SIDE_FILES = ("quantize_config.json", "quant_config.json")
 
-__all__ = ["QuantConfig", "QuantFormatError", "method_names", "read_checkpoint_quant", "resolve"]
+__all__ = ["QuantConfig", "QuantFormatError", "method_names", "normalise_method", "read_checkpoint_quant", "resolve"]
 
 
 def method_names() -> tuple[str, ...]:
@@ -56,7 +56,7 @@ def resolve(flag: str | None, path: str | Path, config_json_quant: dict | None, 
     """The ``QuantConfig`` for ``--quantization flag`` on the checkpoint at ``path``; None
     for plain weights."""
     path = Path(path)
-    wanted = _normalise(flag)
+    wanted = normalise_method(flag)
     declared = read_checkpoint_quant(path, config_json_quant)
     if declared is None:
         if wanted is None:
@@ -80,7 +80,9 @@ def resolve(flag: str | None, path: str | Path, config_json_quant: dict | None, 
     return _config_class(method).from_checkpoint(raw, source, options)
 
 
-def _normalise(flag: str | None) -> str | None:
+def normalise_method(flag: str | None) -> str | None:
+    """The method ``--quantization flag`` names (aliases resolved), None for "what the
+    checkpoint says"; an unknown name is a ``QuantFormatError`` listing the choices."""
     if flag is None:
         return None
     name = flag.strip().lower()
