@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from engine.loader import checkpoint_tensor_files
 from engine.quantization.packing import pack_awq, pack_gptq_cols, pack_gptq_rows
-from engine.tensor_files import open_tensor_file
+from engine.tensor_files import open_tensor_file, reading_checkpoint
 from engine.tiny_checkpoint import build_once
 
 GROUP = 128
@@ -30,6 +30,7 @@ def random_quantized_checkpoint(plain: Path, method: str, seed: int = 0) -> Path
                       lambda out: _build(plain, out, method, seed))
 
 
+@reading_checkpoint()  # one open per tensor below: a state dict is still unpickled once
 def _build(plain: Path, out: Path, method: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}

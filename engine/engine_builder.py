@@ -19,6 +19,7 @@ from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
 from engine.memory import MemoryPlan
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
+from engine.tensor_files import reading_checkpoint
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ def load_model_for(config: EngineConfig) -> LoadedModel:
         config.quantization, config.model_path, model_config.quantization_config,
         {"bnb_quant_type": config.bnb_quant_type},
     )
-    model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)
-    kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
+    with reading_checkpoint():  # a state-dict file is unpickled once for both
+        model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)
+        kv_scales = load_kv_scales(config.model_path, model_config.num_layers)
     return LoadedModel(tokenizer, model, device, dtype, kv_scales,
                        quant.describe() if quant is not None else "none")
 

@@ -18,7 +18,7 @@ from engine.kv_cache import PagedKVCache, resolve_kv_cache_dtype
 from engine.layers.attention import AttentionMetadata
 from engine.loader import KV_SCALE_NAME, checkpoint_tensor_files
 from engine.memory import MemoryPlan, estimate_activation_bytes, plan_memory
-from engine.tensor_files import open_tensor_file
+from engine.tensor_files import open_tensor_file, reading_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def read_kv_scales(tensors: dict[str, torch.Tensor], num_layers: int) -> tuple[l
     return [k[i] for i in range(num_layers)], [v[i] for i in range(num_layers)]
 
 
+@reading_checkpoint()
 def load_kv_scales(path: str | Path, num_layers: int) -> tuple[list[float], list[float]] | None:
     found: dict[str, torch.Tensor] = {}
     for name, file in checkpoint_tensor_files(Path(path)).items():

@@ -22,7 +22,7 @@ from engine.config import ModelConfig
 from engine.layers.linear import Linear
 from engine.models import get_model_class
 from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
-from engine.tensor_files import STATE_DICT_SUFFIXES, open_tensor_file
+from engine.tensor_files import STATE_DICT_SUFFIXES, open_tensor_file, reading_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ KV_SCALE_NAME = re.compile(
 _MAX_LISTED = 10
 
 
+@reading_checkpoint()  # listing a state dict's names and reading its tensors: one unpickling
 def load_model(
     path: str | Path,
     dtype: torch.dtype,

@@ -15,15 +15,20 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from engine.tiny_checkpoint import ARCHITECTURES, LLAMA3_ROPE, cached_tiny_checkpoint
 
 __all__ = [
     "ARCHITECTURES",
     "LLAMA3_ROPE",
     "VARIANTS",
+    "as_state_dict",
     "tiny_checkpoint",
     "tiny_checkpoint_copy",
     "tiny_variant",
+    "with_tensors",
 ]
 
 # Named variants the parity tests cover: name -> (architecture, build options).
@@ -62,3 +67,35 @@ def tiny_checkpoint_copy(dest: Path, architecture: str = "qwen2", **kw: Any) -> 
     target = Path(dest) / f"{architecture}-copy"
     shutil.copytree(tiny_checkpoint(architecture, **kw), target)
     return target
+
+
+# -- the same checkpoint in another file layout ------------------------------------------------
+
+
+def _take_tensors(src: Path, dest: Path) -> dict[str, torch.Tensor]:
+    """Copy ``src`` to ``dest`` without its safetensors (and index); their tensors."""
+    shutil.copytree(src, dest)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(dest.glob("*.safetensors")):
+        tensors.update(load_file(file))
+        file.unlink()
+    (dest / "model.safetensors.index.json").unlink(missing_ok=True)
+    return tensors
+
+
+def as_state_dict(src: Path, dest: Path, *names: str) -> Path:
+    """``src``'s checkpoint with its safetensors replaced by ``torch.save`` files ``names``
+    (the tensors split between them in name order)."""
+    tensors = _take_tensors(src, dest)
+    ordered = sorted(tensors)
+    per_file = -(-len(ordered) // len(names))
+    for i, name in enumerate(names):
+        torch.save({n: tensors[n] for n in ordered[i * per_file : (i + 1) * per_file]}, dest / name)
+    return dest
+
+
+def with_tensors(src: Path, dest: Path, extra: dict[str, torch.Tensor]) -> Path:
+    """``src``'s checkpoint with ``extra`` tensors, all in one ``model.safetensors``."""
+    tensors = _take_tensors(src, dest) | extra
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from engine.loader import checkpoint_tensor_files
 from engine.quantize.gptq import HessianAccumulator
+from engine.tensor_files import open_tensor_file, reading_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,33 @@ class _Stop(Exception):
     pass
 
 
+@reading_checkpoint()
 def load_model(src: Path) -> torch.nn.Module:
-    """transformers' model of the checkpoint, in its own dtype, on the CPU, in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """transformers' model of the checkpoint, in its own dtype, on the CPU, in eval mode.
 
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto")
+    The weights are read by ``engine.tensor_files`` (as the rest of the tool reads them), so
+    every source it accepts works: state dicts under any name, no index needed."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    config = AutoConfig.from_pretrained(src)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{src}: transformers has no causal LM for {config.model_type!r}")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(
+        None, config=config, state_dict=_source_tensors(src), dtype="auto"
+    )
     return model.eval()
+
+
+def _source_tensors(src: Path) -> dict[str, torch.Tensor]:
+    names_by_file: dict[Path, list[str]] = {}
+    for name, file in checkpoint_tensor_files(src).items():
+        names_by_file.setdefault(file, []).append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in names_by_file.items():
+        with open_tensor_file(file) as fh:
+            tensors.update((name, fh.get(name)) for name in names)
+    return tensors
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -5,6 +5,10 @@ weight is read from the source files and quantized on its own; with calibration 
 search, GPTQ, static activation scales) ``layerwise.calibrated_pass`` runs the model layer
 by layer. Every other tensor is copied (floating ones in the output dtype: the source's
 fp16/bf16, or fp16 for an fp32 source). A failure removes what was written.
+
+The source's tensors (safetensors, or PyTorch state dicts such as ``pytorch_model.bin``)
+are read through ``engine.tensor_files``; the run is one ``reading_checkpoint()``, so each
+state-dict file is unpickled once.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.loader import checkpoint_tensor_files
@@ -29,10 +32,12 @@ from engine.quantize.writers import (
     prepare_destination,
     write_configs,
 )
+from engine.tensor_files import open_tensor_file, reading_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+@reading_checkpoint()
 def run(
     src: Path,
     dst: Path,
@@ -88,7 +93,8 @@ def run(
             for f in dst.iterdir():
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink()
         raise
-    before, after = folder_bytes(src), folder_bytes(dst)
+    before = sum(file.stat().st_size for file in set(files.values()))
+    after = folder_bytes(dst)
     log.info(
         "wrote %s (%s) in %.1fs: weights %.2f MiB -> %.2f MiB (%.2fx smaller)",
         dst,
@@ -109,24 +115,26 @@ def _describe(spec: QuantSpec) -> str:
 
 
 def _linear_shapes(files: dict[str, Path]) -> tuple[dict[str, tuple[int, int]], torch.dtype]:
+    """Each linear layer's ``(N, K)``, and the source dtype: that of the last linear weight
+    stored in fp16, bf16 or fp32 (fp16 when none is)."""
     shapes: dict[str, tuple[int, int]] = {}
     dtype = torch.float16
     for name, file in files.items():
         if LINEAR_WEIGHT.match(name):
-            with safe_open(str(file), framework="pt") as fh:
-                sl = fh.get_slice(name)
-                n, k = sl.get_shape()
-                dtype = _DTYPES.get(sl.get_dtype(), dtype)
+            with open_tensor_file(file) as fh:
+                n, k = fh.shape(name)
+                if fh.dtype(name) in _SOURCE_DTYPES:
+                    dtype = fh.dtype(name)
             shapes[name.removesuffix(".weight")] = (n, k)
     return shapes, dtype
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+_SOURCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _read(file: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
-    with safe_open(str(file), framework="pt") as fh:
-        t = fh.get_tensor(name)
+    with open_tensor_file(file) as fh:
+        t = fh.get(name)
     return t.to(dtype) if t.is_floating_point() else t
 
 
