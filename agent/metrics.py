@@ -62,12 +62,17 @@ class RequestMetrics:
             self._recent.append((self._clock(), latency))
             self._buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self._latency_sum += latency
-        self._count(project, OK if ok else ERROR)
+            self._count_locked(project, OK if ok else ERROR)
 
     def _count(self, project: str, outcome: str) -> None:
         with self._lock:
-            counts = self._counts.setdefault(project, dict.fromkeys(OUTCOMES, 0))
-            counts[outcome] += 1
+            self._count_locked(project, outcome)
+
+    def _count_locked(self, project: str, outcome: str) -> None:
+        counts = self._counts.get(project)
+        if counts is None:
+            counts = self._counts[project] = dict.fromkeys(OUTCOMES, 0)
+        counts[outcome] += 1
 
     def counts(self) -> dict[str, dict[str, int]]:
         """project -> outcome -> count, since start."""

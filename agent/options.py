@@ -24,6 +24,10 @@ class Options:
     command: str | None = None  # "reset": clear the session instead of a turn
 
 
+PLAIN = Options()
+_FIELD_SET = frozenset(FIELDS)
+
+
 def _flag(data: dict, key: str) -> bool:
     value = data.get(key)
     if value is None:
@@ -35,6 +39,8 @@ def _flag(data: dict, key: str) -> bool:
 
 def parse_options(data: dict) -> Options:
     """The part C options of a request object; ValueError naming the field if one is wrong."""
+    if _FIELD_SET.isdisjoint(data):
+        return PLAIN  # the usual request: no option given
     stream, include_reasoning = _flag(data, "stream"), _flag(data, "includeReasoning")
     fmt = data.get("responseFormat")
     if fmt is not None and fmt not in (JSON, TEXT):

@@ -4,7 +4,9 @@ The rendered system prompt (the head of every prompt of a session, and of every
 session of a project) is tokenized once and kept (``HeadCache``), and so is what
 follows the newest user text (its end marker and the generation prompt); each
 prompt then tokenizes only what lies between, where that is known to give the same
-ids. The text itself comes from agent.chat_skeleton (no template render per prompt).
+ids. A session's first prompt, the usual one, tokenizes only its message: all that
+precedes it (the lead) is kept too, where probes show the split changes no ids. The
+text itself comes from agent.chat_skeleton (no template render per prompt).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class HeadCache:
     """
 
     PROBE = "probe message"
+    # First-turn messages starting with each kind of character: a lead is split off only
+    # where all of them tokenize the same apart as whole (see ``_lead``).
+    LEAD_PROBES = ("probe message", "Probe", "42 probes", "'s probe", '"probe"', "(probe)",
+                   "-probe", ".probe", "_probe", "#probe", "ünï probe", "日本語", "🙂 probe",
+                   "«probe»", "/probe", "*probe*")
 
     def __init__(self, tokenizer: Tokenizer, max_heads: int = 64) -> None:
         self.tokenizer = tokenizer
@@ -67,11 +74,16 @@ class HeadCache:
         self._specials.discard("")
         self._heads: OrderedDict[str, Head | None] = OrderedDict()
         self._tails: dict[str, list[int] | None] = {}
+        self._leads: OrderedDict[str, list[int] | None] = OrderedDict()
         self._lock = threading.Lock()
         self.skeletons = ChatSkeletons(tokenizer.render_chat)
 
     def ids(self, system_prompt: str, turns: list[Turn], message: str) -> list[int]:
         text, skeleton = self.skeletons.render(system_prompt, turns, message)
+        if skeleton is not None and not turns:  # a session's first turn: often the only one
+            lead, tail = self._lead(skeleton), self._tail(skeleton, 0)
+            if lead is not None and tail is not None:
+                return lead + self.tokenizer.encode(message) + tail
         head = self._head(system_prompt)
         if head is None or not text.startswith(head.text):
             head = None
@@ -108,6 +120,28 @@ class HeadCache:
         if head.token_ids + encode(probe[cut:]) != encode(probe):
             return None
         return head
+
+    def _lead(self, skeleton: Skeleton) -> list[int] | None:
+        """The ids of all that precedes the message of a first turn (system prompt and user
+        turn opener), if they split off there: unlike the head and tail, the lead does not
+        end at a special token, so this is checked on first-turn prompts whose message
+        starts with each kind of character (``LEAD_PROBES``)."""
+        lead = skeleton.pieces[0]
+        with self._lock:
+            if lead in self._leads:
+                self._leads.move_to_end(lead)
+                return self._leads[lead]
+        encode = self.tokenizer.encode
+        ids: list[int] | None = encode(lead)
+        for probe in self.LEAD_PROBES:
+            if ids + encode(probe + skeleton.tail) != encode(skeleton.fill([probe])):
+                ids = None
+                break
+        with self._lock:
+            self._leads[lead] = ids
+            while len(self._leads) > self.max_heads:
+                self._leads.popitem(last=False)
+        return ids
 
     def _tail(self, skeleton: Skeleton, n_turns: int) -> list[int] | None:
         """The tail's ids, if it begins with a special token and splitting there keeps the ids

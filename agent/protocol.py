@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.options import Options, parse_options
+from agent.options import PLAIN, Options, parse_options
 from agent.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ChatRequest:
     request_id: str | None = None
     generated_session: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # fields beyond part A
-    options: Options = Options()  # part C
+    options: Options = PLAIN  # part C
     correlation_data: bytes | None = None  # MQTT v5, echoed on the reply
 
 

@@ -22,6 +22,8 @@ _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 def split_reasoning(text: str) -> tuple[str, str]:
     """``(answer, reasoning)``; the answer without surrounding whitespace."""
+    if OPEN not in text and CLOSE not in text:
+        return text.strip(), ""
     parts: list[str] = []
     first_close, first_open = text.find(CLOSE), text.find(OPEN)
     if first_close != -1 and (first_open == -1 or first_close < first_open):

@@ -27,6 +27,9 @@ LEGACY_REQUESTS = (*LEGACY_CHAT, LEGACY_SESSION)
 QOS_LEGACY = 0  # what the old game clients use
 MAX_TOPIC_BYTES = 65535
 WILDCARDS = ("+", "#", "\0")
+# Topics.publish_problem remembers its verdict for topics up to this long, this many at most:
+# a session's reply topic is checked for every request and every reply.
+VERDICT_MAX_CHARS, VERDICT_ENTRIES = 512, 4096
 # Code points MQTT 5 says a topic should not hold and Mosquitto disconnects a publisher for:
 # one such reply topic would cut the agent off (and its QoS 1 retry, again after reconnecting).
 _REFUSED_BY_BROKERS = re.compile(
@@ -120,6 +123,7 @@ class Topics:
                     under.add(t + "/")
         self._reserved_exact = frozenset(exact)
         self._reserved_under = tuple(sorted(under))
+        self._verdicts: dict[str, str | None] = {}  # topic -> publish_problem (see there)
 
     def base(self, project: str) -> str:
         return f"{self.prefix}{project}/"
@@ -179,8 +183,24 @@ class Topics:
         return (topic in self._reserved_exact or topic.startswith(self._reserved_under)
                 or looks_like_request(topic))
 
+    def publish_problem(self, topic: str) -> str | None:
+        """Why the agent may not publish on ``topic`` (not a topic, or a request or control
+        topic), or None. Remembered for short topics; emptied when full (a flood of new
+        topics costs the re-checks only)."""
+        verdict = self._verdicts.get(topic, self)
+        if verdict is not self:
+            return verdict  # type: ignore[return-value]
+        verdict = topic_problem(topic)
+        if verdict is None and self.is_reserved(topic):
+            verdict = "it is a request or control topic"
+        if len(topic) <= VERDICT_MAX_CHARS:
+            if len(self._verdicts) >= VERDICT_ENTRIES:
+                self._verdicts.clear()
+            self._verdicts[topic] = verdict
+        return verdict
+
     def publishable(self, topic: str) -> bool:
-        return topic_problem(topic) is None and not self.is_reserved(topic)
+        return self.publish_problem(topic) is None
 
     def stream_of(self, reply_topic: str) -> str | None:
         """``<reply topic>/stream`` (part C), or None if it may not be published to."""
@@ -190,8 +210,9 @@ class Topics:
     def service_problem(self, topic: str) -> str | None:
         """Why the agent cannot publish its own status or metrics on ``topic``, or None: it must
         be publishable and outside every tree a client may choose a reply topic in."""
-        if not self.publishable(topic):
-            return topic_problem(topic) or "it is a request or control topic"
+        problem = self.publish_problem(topic)
+        if problem:
+            return problem
         roots = [self.reply_root(p) for p in self.projects] + [self.hint_root()]
         roots += [self.legacy(t) + "/" for t in LEGACY_CHAT.values()]
         if topic.startswith(tuple(roots)):
@@ -208,12 +229,7 @@ class Topics:
             return f"it does not start with {root!r}"
         if len(topic) == len(root):
             return "it names no sub-topic"
-        problem = topic_problem(topic)
-        if problem:
-            return problem
-        if self.is_reserved(topic):
-            return "it is a request or control topic"
-        return None
+        return self.publish_problem(topic)
 
     def confine_reply(self, project: str, requested: object, session_id: str) -> str:
         """The client's ``replyTopic`` if allowed, else the default topic (with a warning)."""

@@ -1,6 +1,6 @@
 """The agent's own cost: requests/s and added latency against a bare paho echo responder.
 
-    python bench/agent.py                       # 1, 10 and 100 concurrent clients, 4 s each
+    python bench/agent.py                       # 1, 10 and 100 concurrent clients, 3 x 2 s each
     python bench/agent.py --clients 10 --seconds 10 --log_level WARNING
 
 A private Mosquitto is started on a free port. Two services run beside it, each
@@ -15,7 +15,9 @@ request when the reply to the last one arrives; every request a new session, so
 no rate limit or history), spread over at most 10 connections, QoS 1 both
 ways. For each N the echo run goes first, then the agent's; the first second of
 each run is warm-up and is not counted. Added latency is the agent's percentile
-minus the echo's. CPU per request is the service process's CPU time (user +
+minus the echo's. Echo and agent runs alternate ``--rounds`` times per N and are
+pooled, so that a change in the machine's load during the bench hits both alike.
+CPU per request is the service process's CPU time (user +
 system) over the whole run divided by the replies it sent: on a busy machine
 it moves far less than the rates do.
 """
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,9 +166,8 @@ class Load:
             if self.running:
                 self._send(c)
 
-    def run(self, seconds: float, service: psutil.Process) -> tuple[float, float, float, float]:
-        """Requests/s, p50 and p99 latency (ms) after the warm-up, and the ``service``
-        process's CPU ms per request."""
+    def run(self, seconds: float, service: psutil.Process) -> Sample:
+        """The latencies after the warm-up, and the ``service`` process's CPU time."""
         cpu = sum(service.cpu_times()[:2])
         self.running = True
         with self.lock:
@@ -176,22 +178,47 @@ class Load:
         with self.lock:
             self.running = False
         time.sleep(0.5)  # let the last replies drain
-        cpu_ms = (sum(service.cpu_times()[:2]) - cpu) * 1000 / max(1, len(self.latencies))
-        counted = sorted(lat for at, lat in self.latencies
-                         if start + WARMUP_S <= at <= start + WARMUP_S + seconds)
+        cpu_s = sum(service.cpu_times()[:2]) - cpu
+        counted = [lat for at, lat in self.latencies
+                   if start + WARMUP_S <= at <= start + WARMUP_S + seconds]
         for conn in self.conns:
             conn.disconnect()
             conn.loop_stop()
         if not counted:
             raise RuntimeError("no replies: is the service up?")
-        pick = lambda q: counted[min(len(counted) - 1, int(q * len(counted)))] * 1000  # noqa: E731
-        return len(counted) / seconds, pick(0.50), pick(0.99), cpu_ms
+        return Sample(counted, seconds, cpu_s, len(self.latencies))
+
+
+@dataclass
+class Sample:
+    """Runs of one service at one concurrency, pooled."""
+
+    latencies: list[float] = field(default_factory=list)  # counted (after warm-up), s
+    seconds: float = 0.0  # measured
+    cpu_s: float = 0.0  # the service's CPU time over the whole runs
+    replies: int = 0  # over the whole runs (warm-up included), for CPU per request
+
+    def add(self, other: Sample) -> None:
+        self.latencies += other.latencies
+        self.seconds += other.seconds
+        self.cpu_s += other.cpu_s
+        self.replies += other.replies
+
+    def figures(self) -> tuple[float, float, float, float]:
+        """Requests/s, p50 and p99 latency (ms), CPU ms per request."""
+        lat = sorted(self.latencies)
+        pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+        return (len(lat) / self.seconds, pick(0.50), pick(0.99),
+                self.cpu_s * 1000 / max(1, self.replies))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", default="1,10,100", help="concurrencies, comma-separated")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per run")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="echo and agent runs alternate this many times per concurrency "
+                             "(pooled), so that drift on a busy machine hits both alike")
     parser.add_argument("--log_level", default="INFO", help="the agent's log level (to a file)")
     parser.add_argument("--serve", choices=list(SERVICES), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -215,11 +242,15 @@ def main() -> None:
             children.append(child)
             assert child.stdout is not None and child.stdout.readline().strip() == "ready", kind
         rows = []
+        services = [psutil.Process(child.pid) for child in children]
         for n in (int(x) for x in args.clients.split(",")):
-            echo = Load(broker.port, "echo", n).run(args.seconds, psutil.Process(children[0].pid))
-            agent = Load(broker.port, "agent", n).run(args.seconds, psutil.Process(children[1].pid))
-            rows.append((n, echo, agent))
-            print(f"{n} clients: echo {echo[0]:.0f}/s, agent {agent[0]:.0f}/s", file=sys.stderr)
+            echo, agent = Sample(), Sample()
+            for _ in range(args.rounds):
+                echo.add(Load(broker.port, "echo", n).run(args.seconds, services[0]))
+                agent.add(Load(broker.port, "agent", n).run(args.seconds, services[1]))
+            rows.append((n, echo.figures(), agent.figures()))
+            print(f"{n} clients: echo {rows[-1][1][0]:.0f}/s, agent {rows[-1][2][0]:.0f}/s",
+                  file=sys.stderr)
     finally:
         for child in children:
             child.communicate("", timeout=30)

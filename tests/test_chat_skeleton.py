@@ -125,3 +125,34 @@ def test_no_tail_where_the_split_would_change_the_ids() -> None:
     assert builder._ids(system, turns, message) == tok.encode(
         tok.render_chat(to_messages(system, turns, message)))
     assert list(builder.heads._tails.values()) == [None]
+
+
+def test_a_first_turn_tokenizes_only_its_message_and_gives_the_whole_ids() -> None:
+    rng = random.Random()
+    tok = tiny_tokenizer()
+    builder = PromptBuilder(tok)
+    starts = "aZ7'\"(-._#ü日🙂/*{&!?,"
+    for start in starts:
+        system, _, message = conversation(rng)
+        message = start + message
+        whole = tok.apply_chat_template(to_messages(system, [], message))
+        assert builder._ids(system, [], message) == whole
+    leads = list(builder.heads._leads.values())
+    assert leads and all(lead is not None for lead in leads)
+
+
+class ParenthesisTokenizer(Tokenizer):
+    """Encodes a text that begins with '(' with an extra token first, as a tokenizer that
+    marks the start of its input does: splitting before the message would change the ids."""
+
+    def encode(self, text: str) -> list[int]:
+        return [5, *super().encode(text)] if text.startswith("(") else super().encode(text)
+
+
+def test_no_lead_where_one_kind_of_first_character_would_change_the_ids() -> None:
+    tok = ParenthesisTokenizer(copy.deepcopy(tiny_tokenizer().hf))
+    builder = PromptBuilder(tok)
+    for message in ("plain words", "(aside)"):
+        assert builder._ids("system", [], message) == tok.encode(
+            tok.render_chat(to_messages("system", [], message)))
+    assert list(builder.heads._leads.values()) == [None]

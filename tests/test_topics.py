@@ -117,3 +117,24 @@ def test_legacy_replies_are_publishable(topics: Topics) -> None:
         assert topics.publishable(topic), topic
     assert topics.confine("maze/hint/", "maze/hint/s1/c", "maze/hint/s1") == "maze/hint/s1/c"
     assert topics.confine("maze/hint/", "maze/state", "maze/hint/s1") == "maze/hint/s1"
+
+
+def test_remembered_verdicts_stay_right_and_bounded(topics: Topics) -> None:
+    """publish_problem remembers its verdicts: asking again gives the same answer, whether
+    the topic was refused or not, and the memory never grows past its bound."""
+    from agent import topics as module
+
+    cases = {"maze/assistant_response/s1": None,
+             "driving/user_input": "it is a request or control topic",
+             "maze/assistant_response/a+b": "it contains '+', '#' or NUL",
+             "x/maze/template": "it is a request or control topic"}
+    for _ in range(2):
+        for topic, problem in cases.items():
+            assert topics.publish_problem(topic) == problem
+            assert topics.publishable(topic) == (problem is None)
+    long_topic = "maze/assistant_response/" + "x" * module.VERDICT_MAX_CHARS
+    assert topics.publishable(long_topic) and long_topic not in topics._verdicts
+    for i in range(module.VERDICT_ENTRIES + 10):
+        topics.publish_problem(f"maze/assistant_response/s{i}")
+    assert len(topics._verdicts) <= module.VERDICT_ENTRIES
+    assert topics.publish_problem("driving/user_input") == "it is a request or control topic"
