@@ -59,9 +59,10 @@ class Turn:
     # requestId); sent after the reply; None once taken (agent.acks).
     acks: list[Ack] | None = field(default_factory=list)
 
-    @property
-    def key(self) -> SessionKey:
-        return (self.request.project, self.request.session_id)
+    key: SessionKey = field(init=False)  # (project, session id), asked for many times
+
+    def __post_init__(self) -> None:
+        self.key = (self.request.project, self.request.session_id)
 
 
 class SessionLanes:

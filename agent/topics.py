@@ -124,6 +124,7 @@ class Topics:
         self._reserved_exact = frozenset(exact)
         self._reserved_under = tuple(sorted(under))
         self._verdicts: dict[str, str | None] = {}  # topic -> publish_problem (see there)
+        self._reply_roots: dict[str, str] = {}
 
     def base(self, project: str) -> str:
         return f"{self.prefix}{project}/"
@@ -132,7 +133,10 @@ class Topics:
         return self.base(project) + REQUEST
 
     def reply_root(self, project: str) -> str:
-        return f"{self.base(project)}{REPLY}/"
+        root = self._reply_roots.get(project)  # asked for twice per request: made once
+        if root is None:
+            root = self._reply_roots[project] = f"{self.base(project)}{REPLY}/"
+        return root
 
     def default_reply(self, project: str, session_id: str) -> str:
         return self.reply_root(project) + session_id

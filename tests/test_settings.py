@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -314,7 +315,8 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
             seen["agent_projects"], seen["info"] = dict(projects), info
 
         def run_forever(self) -> None:
-            seen["ran"] = True
+            seen["ran"], seen["frozen"] = True, gc.get_freeze_count()
+            gc.unfreeze()  # the rest of the test session collects as before
 
     def fake_create_engine(config: object) -> object:
         seen["engine_config"] = config
@@ -332,6 +334,8 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
     assert dict(config.project_shares) == {"maze": 3.0, "driving": 1.0, "general": 1.0}
     assert config.kv_cache_dtype == "fp8" and config.model_path == str(tmp_path)
     assert set(seen["agent_projects"]) == {"maze", "driving", "general"} and seen["ran"]
+    # what start-up built is out of the garbage collector's reach before serving begins
+    assert seen["frozen"] > 10_000
     # the status topic names the method the engine found in the checkpoint
     assert seen["info"] == AgentInfo(model=settings.model, quantization="awq 4-bit, group 128")
 
