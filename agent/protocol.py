@@ -8,6 +8,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from agent.options import PLAIN, Options, parse_options
@@ -20,6 +21,11 @@ _KNOWN = {
     "message", "sessionId", "temperature", "topP", "maxTokens", "systemPrompt",
     "prompt_template", "replyTopic", "clientId", "requestId", "images",
 }
+# The usual request holds no other key: no option, sampling field, system prompt, image or extra
+# to read (parse skips them all; tests/test_protocol.py shows each skip changes nothing).
+_USUAL = frozenset({"sessionId", "message", "replyTopic", "clientId", "requestId"})
+_JSON_WHITESPACE = " \t\n\r"
+_DECODER = json.JSONDecoder()
 # For a payload too large to parse: find the reply target (and the envelope's fields) cheaply.
 _SCAN = 64 * 1024
 _FIELD_RE = re.compile(rb'"(sessionId|replyTopic|requestId|clientId|responseFormat)"'
@@ -42,6 +48,17 @@ class ChatRequest:
     extras: dict[str, Any] = field(default_factory=dict)  # fields beyond part A
     options: Options = PLAIN  # part C
     correlation_data: bytes | None = None  # MQTT v5, echoed on the reply
+
+    @classmethod
+    def of(cls, *values: Any) -> ChatRequest:
+        """``cls(*values)`` with every field given, in half the time: the frozen __init__ sets
+        each of the 14 fields through object.__setattr__ (a fifth of a usual parse)."""
+        request = object.__new__(cls)
+        request.__dict__.update(zip(_REQUEST_FIELDS, values, strict=True))
+        return request
+
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclass_fields(ChatRequest))
 
 
 class ProtocolError(Exception):
@@ -73,18 +90,19 @@ def new_session_id() -> str:
 def session_id_problem(session_id: str) -> str | None:
     if len(session_id) > MAX_SESSION_ID_CHARS:
         return f"sessionId is longer than {MAX_SESSION_ID_CHARS} characters"
-    if any(c in session_id for c in "+#\0"):
+    if "+" in session_id or "#" in session_id or "\0" in session_id:
         return "sessionId must not contain '+', '#' or NUL"
-    try:
-        session_id.encode("utf-8")
-    except UnicodeEncodeError:
-        return "sessionId is not valid UTF-8"
+    if not session_id.isascii():  # ASCII holds no lone surrogate
+        try:
+            session_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return "sessionId is not valid UTF-8"
     return None
 
 
 def _utf8(text: str) -> str:
     """Lone surrogates (JSON allows "\\ud800") cannot be encoded: replace them."""
-    return text.encode("utf-8", "replace").decode("utf-8")
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _number(data: dict, key: str, low: float, high: float, low_open: bool = False) -> float | None:
@@ -118,6 +136,15 @@ def _optional_id(data: dict, key: str) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     return _utf8(value) if isinstance(value, str) and value else None
+
+
+def _message(data: dict, options: Options) -> str:
+    message = data.get("message")
+    if message is not None and not isinstance(message, str):
+        raise ValueError("message must be a string")
+    if options.command is None and (not message or not message.strip()):
+        raise ValueError("empty message")
+    return _utf8((message or "").strip())
 
 
 def _system_prompt(data: dict) -> str | None:
@@ -176,7 +203,9 @@ class RequestParser:
         problem = session_id_problem(value)
         if problem:
             raise ValueError(problem)
-        problem = self.topics.reply_problem(project, self.topics.default_reply(project, value))
+        # reply_problem less its two checks that hold here: the topic is under the project's
+        # reply root and names a sub-topic (the id is not blank).
+        problem = self.topics.publish_problem(self.topics.default_reply(project, value))
         if problem:  # e.g. "x/driving/user_input", or a control character
             raise ValueError(f"sessionId cannot name a reply topic: {problem}")
         return value, False
@@ -203,36 +232,30 @@ class RequestParser:
             raise self._error(project, data, f"Error: {exc}") from None
         reply_topic = self.topics.confine_reply(project, data.get("replyTopic"), session_id)
         try:
-            options = parse_options(data)
-            message = data.get("message")
-            if message is not None and not isinstance(message, str):
-                raise ValueError("message must be a string")
-            if options.command is None and (not message or not message.strip()):
-                raise ValueError("empty message")
+            usual = _USUAL.issuperset(data)
+            options = PLAIN if usual else parse_options(data)
+            message = _message(data, options)
+            client_id, request_id = _optional_id(data, "clientId"), _optional_id(data, "requestId")
+            if usual:  # what follows would find no field and give these defaults
+                return ChatRequest.of(project, session_id, message, reply_topic, None, None, None, None,
+                                      client_id, request_id, generated, {}, PLAIN, None)
             if data.get("images"):
                 raise ValueError("this model does not accept images")
             max_tokens = _positive_int(data, "maxTokens")
-            request = ChatRequest(
-                project=project,
-                session_id=session_id,
-                message=_utf8((message or "").strip()),
-                reply_topic=reply_topic,
-                temperature=_number(data, "temperature", 0.0, 2.0),
-                top_p=_number(data, "topP", 0.0, 1.0, low_open=True),
-                max_tokens=None if max_tokens is None else min(max_tokens, self.max_tokens),
-                system_prompt=_system_prompt(data),
-                client_id=_optional_id(data, "clientId"),
-                request_id=_optional_id(data, "requestId"),
-                generated_session=generated,
-                extras={k: v for k, v in data.items() if k not in _KNOWN},
-                options=options,
+            return ChatRequest.of(
+                project, session_id, message, reply_topic,
+                _number(data, "temperature", 0.0, 2.0),
+                _number(data, "topP", 0.0, 1.0, low_open=True),
+                None if max_tokens is None else min(max_tokens, self.max_tokens),
+                _system_prompt(data), client_id, request_id, generated,
+                {k: v for k, v in data.items() if k not in _KNOWN},  # fields beyond part A
+                options, None,
             )
         except ValueError as exc:
             raise ProtocolError(
                 f"Error: {exc}", reply_topic, project, session_id,
                 _optional_id(data, "requestId"), data,
             ) from None
-        return request
 
     def _too_large(self, project: str, payload: bytes) -> None:
         fields: dict[str, Any] = {}
@@ -262,8 +285,12 @@ def json_object(payload: bytes) -> dict | None:
 
 
 def _load_object(text: str) -> dict | None:
+    """``json.loads(text)`` if that is an object, else None. raw_decode of the text without the
+    JSON whitespace around it gives the same verdicts in half the time (json.loads and decode
+    add a microsecond of checks and whitespace matching to the usual request's one)."""
+    body = text.strip(_JSON_WHITESPACE)
     try:
-        data = json.loads(text)
+        data, end = _DECODER.raw_decode(body)
     except (ValueError, RecursionError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if end == len(body) and isinstance(data, dict) else None

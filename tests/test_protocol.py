@@ -1,10 +1,19 @@
 import json
+from dataclasses import FrozenInstanceError, replace
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.protocol import ChatRequest, ProtocolError, RequestParser
+from agent.options import Options
+from agent.protocol import (
+    ChatRequest,
+    ProtocolError,
+    RequestParser,
+    json_object,
+    session_id_problem,
+)
 from agent.topics import Topics
 
 DEFAULT_PREFIX = "maze/assistant_response/"
@@ -188,3 +197,97 @@ def test_any_payload_gives_a_request_or_a_protocol_error(payload: bytes) -> None
     req.message.encode("utf-8")
     assert req.temperature is None or 0 <= req.temperature <= 2
     assert req.max_tokens is None or 1 <= req.max_tokens <= 256
+
+
+# ---- the usual request's shortcuts give what the general path gives ----
+
+_usual_values = st.none() | st.integers(-3, 99) | st.sampled_from(
+    ["s1", "", "  ", "a#b", "x/driving/user_input", "caf\u00e9", "a\ud800b", " hi ", "\u2603",
+     DEFAULT_PREFIX + "s1/c", DEFAULT_PREFIX + "#", "driving/assistant_response/s1"])
+_usual_payloads = st.dictionaries(
+    st.sampled_from(["sessionId", "message", "replyTopic", "clientId", "requestId"]), _usual_values,
+    max_size=5)
+# Each field the usual request lacks, with a value that asks for nothing (as if it were absent).
+_NEUTRAL = [("temperature", None), ("topP", None), ("maxTokens", None), ("systemPrompt", None),
+            ("systemPrompt", " "), ("prompt_template", None), ("images", []), ("images", None),
+            ("stream", None), ("stream", False), ("responseFormat", None), ("responseFormat", "text"),
+            ("includeReasoning", False), ("command", None), ("someExtra", 1)]
+_PART_A = {"temperature", "topP", "maxTokens", "systemPrompt", "prompt_template", "images"}
+
+
+def _outcome(payload: dict) -> tuple:
+    parser = RequestParser(Topics(["maze", "driving"]), max_payload_bytes=10_000, max_tokens=256)
+    try:
+        return ("request", parser.parse("maze", json.dumps(payload).encode()))
+    except ProtocolError as err:
+        return ("error", err.reply, err.reply_topic, err.session_id, err.request_id, err.data)
+
+
+@pytest.mark.parametrize("key, value", _NEUTRAL)
+@given(payload=_usual_payloads)
+@settings(max_examples=60, deadline=None)
+def test_usual_request_equals_the_general_path(key: str, value: object, payload: dict) -> None:
+    with patch("agent.protocol.new_session_id", return_value="default-0000abcd"):
+        usual, general = _outcome(payload), _outcome({**payload, key: value})
+    if usual[0] == "request" and key not in _PART_A:  # the general path keeps it as an extra
+        usual = ("request", replace(usual[1], extras={key: value}))
+    if usual[0] == "error":
+        usual = (*usual[:-1], {**payload, key: value})  # the error carries the request it refused
+    assert general == usual
+
+
+def test_usual_request_fields(parser: RequestParser) -> None:
+    req = parse(parser, {"sessionId": 7, "message": " caf\u00e9 \u2603 ", "clientId": 3,
+                         "requestId": "r\ud800", "replyTopic": DEFAULT_PREFIX + "7/c/"})
+    assert req == ChatRequest("maze", "7", "caf\u00e9 \u2603", DEFAULT_PREFIX + "7/c",
+                              client_id="3", request_id="r?")
+    assert req.extras == {} and req.extras is not parse(parser, {"message": "hi"}).extras
+
+
+def test_request_of_is_the_constructor() -> None:
+    values = ("p", "s", "m", "p/assistant_response/s", 0.5, 0.9, 12, "sys", "c", "r", True,
+              {"x": 1}, Options(stream=True), b"cd")
+    made = ChatRequest.of(*values)
+    assert made == ChatRequest(*values) and type(made) is ChatRequest
+    assert replace(made, reply_topic="t") == ChatRequest(*values[:3], "t", *values[4:])
+    with pytest.raises(FrozenInstanceError):
+        made.message = "changed"  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        ChatRequest.of(*values[:-1])  # every field must be given
+
+
+@pytest.mark.parametrize("session_id, problem", [
+    ("caf\u00e9-\u2603", None), ("a\ud800", "sessionId is not valid UTF-8"),
+    ("\ud800#", "sessionId must not contain '+', '#' or NUL"),
+    ("a+b", "sessionId must not contain '+', '#' or NUL"), ("a\0", "sessionId must not contain '+', '#' or NUL"),
+    ("\u00e9" * 257, "sessionId is longer than 256 characters"),
+])
+def test_session_id_problem(session_id: str, problem: str | None) -> None:
+    assert session_id_problem(session_id) == problem
+
+
+# The parser reads JSON with raw_decode, not json.loads (half the time): the same verdicts.
+def _json_loads_object(text: str) -> dict | None:
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_json_fragments = st.sampled_from([
+    "{", "}", "[", "]", '"a"', ":", ",", "1", "1.", "-", "e5", "null", "true", "NaN", " ", "\t",
+    "\n", "\r", "\ufeff", "\x0b", "\x0c", "\u00a0", "\\", '"', '{"a": 1}', "[]", "{}"])
+
+
+@given(text=st.one_of(
+    st.lists(_json_fragments, max_size=10).map("".join),
+    st.text(max_size=20),
+    st.builds(lambda before, data, after: before + json.dumps(data) + after,
+              st.text(" \t\n\r\ufeff\x0cx", max_size=3),
+              st.dictionaries(st.text(max_size=3), _json_values, max_size=3),
+              st.text(" \t\n\r\ufeff\x0cx", max_size=3)),
+))
+@settings(max_examples=500, deadline=None)
+def test_json_object_reads_what_json_loads_reads(text: str) -> None:
+    assert json_object(text.encode()) == _json_loads_object(text)

@@ -138,3 +138,17 @@ def test_remembered_verdicts_stay_right_and_bounded(topics: Topics) -> None:
         topics.publish_problem(f"maze/assistant_response/s{i}")
     assert len(topics._verdicts) <= module.VERDICT_ENTRIES
     assert topics.publish_problem("driving/user_input") == "it is a request or control topic"
+
+
+def test_ascii_topics_get_the_same_verdict_as_any_topic() -> None:
+    """topic_problem checks an ASCII topic with a smaller character class: for every ASCII
+    character it must refuse what the full class (taken for a non-ASCII topic) refuses."""
+    from agent.topics import topic_problem
+
+    refused = set()
+    for c in map(chr, range(128)):
+        ascii_verdict = topic_problem(f"a/{c}b")
+        assert (ascii_verdict is None) == (topic_problem(f"a/{c}b\u00e9") is None), repr(c)
+        if ascii_verdict is not None:
+            refused.add(c)
+    assert refused == {chr(i) for i in range(32)} | {"\x7f", "+", "#"}
