@@ -54,6 +54,14 @@ def tiny_tokenizer() -> Tokenizer:
     return Tokenizer(hf)
 
 
+class MarkingTokenizer(Tokenizer):
+    """Adds a token before every text it encodes (like a tokenizer that marks the start of
+    its input): no split point of a prompt keeps the ids of tokenizing it whole."""
+
+    def encode(self, text: str) -> list[int]:
+        return [7, *super().encode(text)]
+
+
 def user_turns(prompt: str) -> list[str]:
     """The user messages in a rendered ChatML prompt, oldest first."""
     return _USER_RE.findall(prompt)

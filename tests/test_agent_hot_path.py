@@ -25,7 +25,7 @@ from agent.topics import Topics
 from engine.api import GenerationRequest, GenerationResult
 from engine.tokenizer import Tokenizer
 from projects import ProjectSpec
-from tests.fake_engine import FakeEngine, tiny_tokenizer
+from tests.fake_engine import FakeEngine, MarkingTokenizer, tiny_tokenizer
 
 PROJECTS = {"general": ProjectSpec("general", "You are helpful.")}
 REPLY_TOPIC = "general/assistant_response/t/s1"
@@ -175,14 +175,6 @@ def test_a_cached_head_gives_the_same_ids_as_tokenizing_whole() -> None:
         assert builder._ids(system, turns, message) == whole
         assert builder._ids(system, turns, message) == whole  # now from the cache
     assert len(builder.heads._heads) == 12 and all(builder.heads._heads.values())
-
-
-class MarkingTokenizer(Tokenizer):
-    """Adds a token before every text it encodes (like a tokenizer that marks the start of
-    its input): the head's ids followed by the rest's are then not the whole prompt's."""
-
-    def encode(self, text: str) -> list[int]:
-        return [7, *super().encode(text)]
 
 
 def test_no_head_where_the_split_would_change_the_ids() -> None:

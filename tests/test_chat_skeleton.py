@@ -10,7 +10,7 @@ import string
 from agent.chat_skeleton import ChatSkeletons, plain
 from agent.prompt_builder import PromptBuilder, to_messages
 from engine.tokenizer import Tokenizer
-from tests.fake_engine import CHAT_TEMPLATE, tiny_tokenizer
+from tests.fake_engine import CHAT_TEMPLATE, MarkingTokenizer, tiny_tokenizer
 
 PLAIN = string.ascii_letters + string.digits + " \n\t.,!?&'\"{}%éü日本🙂"
 
@@ -107,13 +107,6 @@ def test_cached_head_and_tail_give_the_ids_of_tokenizing_whole() -> None:
         assert builder._ids(system, turns, message) == whole
     assert builder.heads._tails == {"<|im_end|>\n<|im_start|>assistant\n": tok.encode(
         "<|im_end|>\n<|im_start|>assistant\n")}
-
-
-class MarkingTokenizer(Tokenizer):
-    """Adds a token before every text it encodes: no split point keeps the ids."""
-
-    def encode(self, text: str) -> list[int]:
-        return [7, *super().encode(text)]
 
 
 def test_no_tail_where_the_split_would_change_the_ids() -> None:
