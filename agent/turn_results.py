@@ -70,6 +70,9 @@ class TurnResults:
         ctx = self._ctx
         if not ctx.lanes.claim(turn):
             return False
+        # Its on_done refers back to the turn: without this cycle, reference counting frees
+        # the turn as soon as it is answered, not the cyclic GC later (docs/BENCHMARKS.md).
+        turn.generation = None
         ok = history is not None if ok is None else ok
         with ctx.store_lock:
             if history is not None and not turn.stale:

@@ -118,7 +118,10 @@ def serve_agent(port: int, log_level: str, log_file: str) -> None:
     config = AgentConfig(projects=("general",), mqtt_broker="127.0.0.1", mqtt_port=port,
                          agent_id="bench", max_queue=100_000, max_requests_per_session=10**6,
                          stats_interval=0, connect_timeout=10)
+    from vLLMDeploy import freeze_start_up_objects
+
     with Agent(config, InstantEngine()):  # type: ignore[arg-type]
+        freeze_start_up_objects()  # as the launcher does before serving
         print("ready", flush=True)
         sys.stdin.read()
 

@@ -6,6 +6,7 @@ the deadline watcher letting go of answered requests."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import random
 import string
@@ -18,6 +19,7 @@ import pytest
 from agent.acks import NO_ACK, Ack
 from agent.config import AgentConfig
 from agent.deadlines import DeadlineWatcher
+from agent.lanes import Turn
 from agent.prompt_builder import PromptBuilder, to_messages
 from agent.router import INLINE_CHARS, Router
 from agent.sessions import Session
@@ -142,6 +144,25 @@ def test_ack_is_sent_once_and_only_on_its_own_connection() -> None:
     assert sent == [9]
     NO_ACK()
     assert not NO_ACK.hold().held
+
+
+def test_answered_turns_are_freed_by_reference_counting(router_for) -> None:
+    """A turn's engine request refers back to it (on_done); once answered, nothing of it may
+    be left for the cyclic GC: that cost the agent ~50 us per request (docs/BENCHMARKS.md)."""
+    router, events = router_for(InstantEngine())
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage, not away
+    try:
+        for i in range(20):
+            router.handle_message("general/user_input", request(f"m{i}", f"r{i}"), None,
+                                  events.ack(i))
+        events.wait(40)
+        gc.collect()
+        cyclic = [o for o in gc.garbage if isinstance(o, (Turn, GenerationRequest))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert cyclic == []
 
 
 def test_short_prompts_start_on_the_receiving_thread_long_ones_on_a_worker(router_for) -> None:
