@@ -31,6 +31,7 @@ transformers runs the fp16 checkpoint.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -204,6 +205,11 @@ def multi_turn(config: EngineConfig, tokenizer, sessions: int, max_tokens: int) 
     return rows
 
 
+def cell(value: float, spec: str, unit: str = "") -> str:
+    """A table cell; a side that was not run (--skip_naive) shows a dash, not nan."""
+    return "-" if math.isnan(value) else f"{value:{spec}}{unit}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -294,8 +300,8 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, o, nv, pd, t_o, t_nv, t_pd, _ in rows:
         print(
-            f"| {n} | {o:.0f} | {nv:.0f} | {pd:.0f} | {o / nv:.2f}x | {o / pd:.2f}x "
-            f"| {t_o:.1f} | {t_nv:.1f} | {t_pd:.1f} |"
+            f"| {n} | {o:.0f} | {cell(nv, '.0f')} | {pd:.0f} | {cell(o / nv, '.2f', 'x')} "
+            f"| {o / pd:.2f}x | {t_o:.1f} | {cell(t_nv, '.1f')} | {t_pd:.1f} |"
         )
     if device.type == "cuda":
         from bench.kernels import ceilings
