@@ -24,11 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.quantization.base import log_fallback_once, log_once
 from kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
 from kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
 from kernels.fp8_gemm_ref import fp8_linear_ref
 from kernels.int8_gemm import grouped_tile, w8a8_gemm
+from kernels.log_once import log_fallback_once, log_once
 from kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)

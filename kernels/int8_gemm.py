@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.quantization.base import log_once
 from kernels.act_quant import quantize_int8_per_token, quantize_int8_static
 from kernels.int8_gemm_ref import int8_linear_ref
+from kernels.log_once import log_once
 from kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)

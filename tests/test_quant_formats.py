@@ -22,7 +22,6 @@ from engine.config import ModelConfig
 from engine.layers.linear import Linear
 from engine.loader import load_model
 from engine.quantization import QuantFormatError, resolve
-from engine.quantization import base as quant_base
 from engine.quantization.awq import AWQConfig
 from engine.quantization.gptq import GPTQConfig
 from engine.quantization.packing import (
@@ -36,6 +35,7 @@ from engine.quantization.packing import (
     unpack_squeezellm,
 )
 from engine.quantization.squeezellm import SqueezeLLMConfig
+from kernels import log_once
 from tests.quant_fixtures import CONFIG_FILES, QuantCheckpoints, QuantSpec
 from tests.test_model_parity import _Batch, _step
 
@@ -274,7 +274,7 @@ EXACT = {
 def test_runtime_weights_equal_the_formula(ckpts: QuantCheckpoints, case: str, caplog) -> None:
     spec = EXACT[case]
     path = ckpts(spec)
-    quant_base._LOGGED.discard("gptq-g_idx")  # the fallback warns once per process
+    log_once._LOGGED.discard("gptq-g_idx")  # the fallback warns once per process
     with caplog.at_level(logging.WARNING):
         model = load_quantized(path)
     layers = quant_layers(model)

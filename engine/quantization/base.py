@@ -9,7 +9,6 @@ that is faster) as buffers of the layer, and multiplies (``apply``).
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -21,7 +20,6 @@ from engine.api import UnsupportedError
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
 
-log = logging.getLogger(__name__)
 
 
 class QuantFormatError(UnsupportedError, ValueError):
@@ -128,20 +126,3 @@ class TensorSet:
         if self._tensors:
             listed = ", ".join(f"{self.prefix}.{n}" for n in sorted(self._tensors))
             raise QuantFormatError(f"unexpected tensors for this format: {listed}")
-
-
-def log_once(
-    logger: logging.Logger, key: str, message: str, *args: object, level: int = logging.INFO
-) -> None:
-    """One log line per ``key`` in this process (which path a kernel or method takes)."""
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.log(level, message, *args)
-
-
-def log_fallback_once(key: str, message: str, *args: object) -> None:
-    """One warning per fallback kind (a GPU without FP8, a shape the kernel cannot take)."""
-    log_once(log, key, message, *args, level=logging.WARNING)
-
-
-_LOGGED: set[str] = set()

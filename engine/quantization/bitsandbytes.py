@@ -25,10 +25,9 @@ from engine.quantization.base import (
     QuantFormatError,
     QuantLinearMethod,
     TensorSet,
-    log_fallback_once,
-    log_once,
 )
 from engine.quantization.compressed_tensors import FLOAT_DTYPES, set_buffer, take_bias
+from kernels.log_once import log_fallback_once, log_once
 
 log = logging.getLogger(__name__)
 

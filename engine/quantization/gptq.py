@@ -19,7 +19,6 @@ from engine.quantization.base import (
     QuantFormatError,
     QuantLinearMethod,
     TensorSet,
-    log_fallback_once,
 )
 from engine.quantization.int_linear import (
     FLOAT_DTYPES,
@@ -31,6 +30,7 @@ from engine.quantization.int_linear import (
 )
 from engine.quantization.packing import GPTQ_BITS, unpack_gptq_cols, unpack_gptq_rows
 from kernels.int_gemm_ref import pack_along_k
+from kernels.log_once import log_fallback_once
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
