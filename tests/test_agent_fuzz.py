@@ -7,25 +7,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.app import Agent
 from agent.config import AgentConfig
 from projects import load_project
 from tests.ack_counter import counting_acks
 from tests.fake_engine import FakeEngine
-from tests.mqtt_broker import Broker, mosquitto_available
+from tests.mqtt_broker import Broker, Recorder, mosquitto_available
 from tests.test_reply_confinement import HOSTILE
 
 pytestmark = [
@@ -143,43 +138,16 @@ def other_topics(draw: st.DrawFn) -> Case:
     return Case(topic, payload, None)
 
 
-class Client:
-    def __init__(self, broker: Broker) -> None:
-        self.received: list[str] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        done = threading.Event()
-        self.client.on_subscribe = lambda *a: done.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe("+/assistant_response/#", qos=1)
-        assert done.wait(5)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.received.append(message.topic)
-            self._cond.notify_all()
-
-    def send(self, case: Case) -> None:
-        props = None
-        if case.response_topic is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = case.response_topic
-        self.client.publish(case.topic, case.payload, qos=1, properties=props).wait_for_publish(5)
-
-    def replies_after(self, start: int, owed: bool, settle: float = 0.15) -> list[str]:
-        """The topics of replies since ``start``: waits for one if ``owed``, then ``settle`` s."""
-        with self._cond:
-            if owed:
-                self._cond.wait_for(lambda: len(self.received) > start, 10)
-        time.sleep(settle)
-        with self._cond:
-            return self.received[start:]
+def replies_after(client: Recorder, start: int, owed: bool, settle: float = 0.15) -> list[str]:
+    """The topics of replies since the ``start``-th: waits for one if ``owed``, then ``settle`` s."""
+    if owed:
+        client.wait_for(start + 1)
+    time.sleep(settle)
+    return [topic for topic, _ in client.messages()[start:]]
 
 
 @pytest.fixture(scope="module")
-def running(broker: Broker) -> Iterator[tuple[Agent, Client]]:
+def running(broker: Broker) -> Iterator[tuple[Agent, Recorder]]:
     config = AgentConfig(projects=PROJECTS, mqtt_broker=broker.host, mqtt_port=broker.port,
                          connect_timeout=5.0, max_payload_bytes=MAX_PAYLOAD,
                          max_history_tokens=300, max_requests_per_session=1000)
@@ -187,10 +155,8 @@ def running(broker: Broker) -> Iterator[tuple[Agent, Client]]:
     with counting_acks() as acks:
         agent = Agent(config, FakeEngine(), projects)
         agent.start()
-        client = Client(broker)
-        yield agent, client
-        client.client.disconnect()
-        client.client.loop_stop()
+        with Recorder(broker, "+/assistant_response/#") as client:
+            yield agent, client
         agent.stop()
     acks.assert_balanced()  # every request, whatever its fate, acknowledged exactly once
 
@@ -198,12 +164,12 @@ def running(broker: Broker) -> Iterator[tuple[Agent, Client]]:
 @settings(max_examples=45, deadline=None, suppress_health_check=[
     HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=st.one_of(chat_objects(), chat_objects(), raw_payloads(), other_topics()))
-def test_agent_survives_and_answers_once(running: tuple[Agent, Client], broker: Broker,
+def test_agent_survives_and_answers_once(running: tuple[Agent, Recorder], broker: Broker,
                                          case: Case) -> None:
     agent, client = running
-    start = len(client.received)
-    client.send(case)
-    got = client.replies_after(start, owed=case.expect is not None or case.generated)
+    start = len(client.messages())
+    client.publish(case.topic, case.payload, case.response_topic)
+    got = replies_after(client, start, owed=case.expect is not None or case.generated)
     if case.expect is not None:
         assert got == [case.expect]
     elif case.generated:

@@ -14,7 +14,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from agent.backoff import Backoff
 from agent.config import AgentConfig
 from tests.ack_counter import counting_acks
 from tests.fake_engine import FakeEngine, user_turns
-from tests.mqtt_broker import Broker, mosquitto_available, start_broker
+from tests.mqtt_broker import Broker, Recorder, mosquitto_available, start_broker
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,48 +55,31 @@ class Requester:
         self.id = f"requester-{secrets.token_hex(3)}"
         self.project = project
         self.root = f"{project}/assistant_response/{self.id}"
-        self.replies: list[str] = []
-        self._cond = threading.Condition()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.id,
-                                   clean_session=False)
-        self._client.reconnect_delay_set(0.1, 0.5)
-        self._client.on_message = self._on_message
-        self._client.on_connect = lambda c, *_: c.subscribe(self.root + "/#", qos=1)
-        self._client.connect(broker.host, broker.port, keepalive=10)
-        self._client.loop_start()
-        self.wait_subscribed()
+        self._recorder = Recorder(broker, self.root + "/#", protocol="3.1.1", client_id=self.id,
+                                  persistent=True)
 
-    def wait_subscribed(self) -> None:
-        deadline = time.monotonic() + 5
-        while not self._client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # the SUBACK
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.replies.append(msg.payload.decode())
-            self._cond.notify_all()
+    @property
+    def replies(self) -> list[str]:
+        return [p.decode() for p in self._recorder.payloads()]
 
     def send(self, i: int, wait: bool = False) -> None:
-        """Request ``m<i>`` (session ``s<i % 10>``, requestId ``r<i>``), QoS 1."""
+        """Request ``m<i>`` (session ``s<i % 10>``, requestId ``r<i>``), QoS 1; ``wait`` for the
+        PUBACK (without it, a request sent while the broker is down goes once it is back)."""
         payload = {"sessionId": f"s{i % 10}", "message": f"m{i}", "requestId": f"r{i}",
                    "replyTopic": f"{self.root}/s{i % 10}"}
-        info = self._client.publish(f"{self.project}/user_input", json.dumps(payload), qos=1)
-        if wait:
-            info.wait_for_publish(5)
+        self._recorder.publish(f"{self.project}/user_input", json.dumps(payload), wait=wait)
 
     def wait_for(self, n: int, timeout: float) -> Counter:
-        """Replies per request index once ``n`` distinct requests are answered."""
+        """Replies per request index once ``n`` distinct requests are answered (or ``timeout``
+        s have passed: the caller asserts on what came)."""
         def answered() -> Counter:
             return Counter(int(r.removeprefix("echo: m")) for r in self.replies)
 
-        with self._cond:
-            self._cond.wait_for(lambda: len(answered()) >= n, timeout)
-            return answered()
+        self._recorder.holds_within(lambda: len(answered()) >= n, timeout)
+        return answered()
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._recorder.close()
 
 
 @pytest.fixture

@@ -5,22 +5,17 @@ Topic and the sessionId (which names the default reply topic) are all confined."
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.app import Agent
 from agent.config import AgentConfig
 from agent.protocol import ProtocolError, RequestParser
 from agent.topics import Topics, looks_like_request, topic_problem
 from tests.fake_engine import FakeEngine
-from tests.mqtt_broker import Broker, mosquitto_available
+from tests.mqtt_broker import Broker, Recorder, mosquitto_available
 
 PROJECTS = ("maze", "driving")
 ROOT = "maze/assistant_response/"
@@ -70,55 +65,19 @@ def test_session_ids_that_would_name_a_request_topic(session_id: str) -> None:
 # ---- through a real broker: a spy on '#' sees everything the agent publishes ----
 
 
-class Spy:
-    def __init__(self, broker: Broker) -> None:
-        self.seen: list[tuple[str, bytes]] = []
-        self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        self.client.on_message = self._on_message
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        self.client.subscribe("#", qos=1)
-        assert subscribed.wait(5)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        with self._cond:
-            self.seen.append((message.topic, message.payload))
-            self._cond.notify_all()
-
-    def request(self, payload: dict, response_topic: str | None = None) -> None:
-        props = None
-        if response_topic is not None:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = response_topic
-        self.client.publish("maze/user_input", json.dumps(payload), qos=1,
-                            properties=props).wait_for_publish(5)
-
-    def wait_on(self, topic: str, n: int, timeout: float = 10.0) -> list[bytes]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.on(topic)) >= n, timeout), self.seen
-            return self.on(topic)
-
-    def on(self, topic: str) -> list[bytes]:
-        return [p for t, p in self.seen if t == topic]
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
-def spy(broker: Broker) -> Iterator[Spy]:
-    spy = Spy(broker)
-    yield spy
-    spy.close()
+def spy(broker: Broker) -> Iterator[Recorder]:
+    with Recorder(broker, "#") as spy:
+        yield spy
+
+
+def request(spy: Recorder, payload: dict, response_topic: str | None = None) -> None:
+    spy.publish("maze/user_input", json.dumps(payload), response_topic)
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(not mosquitto_available(), reason="mosquitto is not installed")
-def test_agent_never_publishes_where_a_client_points_it(broker: Broker, spy: Spy) -> None:
+def test_agent_never_publishes_where_a_client_points_it(broker: Broker, spy: Recorder) -> None:
     config = AgentConfig(projects=PROJECTS, mqtt_broker=broker.host, mqtt_port=broker.port,
                          connect_timeout=5.0)
     with Agent(config, FakeEngine()) as agent:
@@ -126,17 +85,17 @@ def test_agent_never_publishes_where_a_client_points_it(broker: Broker, spy: Spy
         # the broker itself refuses these as the v5 property: send them in the payload only
         bad_property = {t for t in targets if topic_problem(t)}
         for i, target in enumerate(targets):
-            spy.request({"sessionId": f"h{i}", "message": "m", "replyTopic": target},
-                        None if target in bad_property else target)
-        spy.request({"sessionId": "x/driving/user_input", "message": "m"})
-        spy.request({"sessionId": "bell\x07", "message": "m"})
+            request(spy, {"sessionId": f"h{i}", "message": "m", "replyTopic": target},
+                    None if target in bad_property else target)
+        request(spy, {"sessionId": "x/driving/user_input", "message": "m"})
+        request(spy, {"sessionId": "bell\x07", "message": "m"})
         for i in range(len(targets)):
-            assert spy.wait_on(ROOT + f"h{i}", 1) == [b"echo: m"]
+            assert spy.wait_for(1, ROOT + f"h{i}") == [b"echo: m"]
         time.sleep(0.2)
         assert agent.ready
-    requests = spy.on("maze/user_input")
+    requests = spy.payloads("maze/user_input")
     assert len(requests) == len(targets) + 2  # only ours: the agent published none there
-    published = {t for t, _ in spy.seen} - {"maze/user_input"}
+    published = {t for t, _ in spy.messages()} - {"maze/user_input"}
     assert not any(looks_like_request(t) or Topics(PROJECTS).is_reserved(t) for t in published)
     assert not set(targets) & published
     assert not any(topic_problem(t) for t in published)
