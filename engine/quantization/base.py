@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from engine.layers.linear import Linear
 
 
-
 class QuantFormatError(UnsupportedError, ValueError):
     """A quantized checkpoint that does not match its config or the format: names the tensor
     or key and what was expected."""
