@@ -81,46 +81,18 @@ def serve_echo(port: int) -> None:
     client.loop_stop()
 
 
-class InstantEngine:
-    """The engine interface, answering at once: what is left to measure is the agent."""
-
-    def __init__(self) -> None:
-        from tests.fake_engine import tiny_tokenizer
-
-        self.tokenizer = tiny_tokenizer()
-        self.max_model_len = 4096
-        self._reply_ids = self.tokenizer.encode("pong")
-
-    def start(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def cancel(self, request_id: str) -> None: ...
-
-    def stats(self) -> dict:
-        return {}
-
-    def token_budget(self, project: str) -> int:
-        return self.max_model_len
-
-    def submit(self, request: object) -> None:
-        from engine.api import GenerationResult
-
-        request.on_done(GenerationResult(  # type: ignore[attr-defined]
-            request.request_id, "pong", list(self._reply_ids), "stop",  # type: ignore[attr-defined]
-            len(request.prompt_token_ids)))  # type: ignore[attr-defined]
-
-
 def serve_agent(port: int, log_level: str, log_file: str) -> None:
     logging.basicConfig(level=log_level, filename=log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.app import Agent
     from agent.config import AgentConfig
+    from tests.fake_engine import InstantEngine  # answers inside submit: no engine time
+    from vLLMDeploy import freeze_start_up_objects
 
     config = AgentConfig(projects=("general",), mqtt_broker="127.0.0.1", mqtt_port=port,
                          agent_id="bench", max_queue=100_000, max_requests_per_session=10**6,
                          stats_interval=0, connect_timeout=10)
-    from vLLMDeploy import freeze_start_up_objects
-
-    with Agent(config, InstantEngine()):  # type: ignore[arg-type]
+    with Agent(config, InstantEngine()):
         freeze_start_up_objects()  # as the launcher does before serving
         print("ready", flush=True)
         sys.stdin.read()

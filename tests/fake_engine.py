@@ -156,3 +156,12 @@ class FakeEngine:
     def user_turns(self, index: int = -1) -> list[str]:
         """The user turns of the ``index``-th prompt the engine saw."""
         return user_turns(self.prompts[index])
+
+
+class InstantEngine(FakeEngine):
+    """Answers ``pong`` inside ``submit``, on the caller's thread, and keeps nothing of the
+    request (FakeEngine records each one): the agent's path with no engine time."""
+
+    def submit(self, request: GenerationRequest) -> None:
+        request.on_done(GenerationResult(request.request_id, "pong", [5], "stop",
+                                         len(request.prompt_token_ids)))

@@ -24,10 +24,10 @@ from agent.prompt_builder import PromptBuilder, to_messages
 from agent.router import INLINE_CHARS, Router
 from agent.sessions import Session
 from agent.topics import Topics
-from engine.api import GenerationRequest, GenerationResult
+from engine.api import GenerationRequest
 from engine.tokenizer import Tokenizer
 from projects import ProjectSpec
-from tests.fake_engine import FakeEngine, MarkingTokenizer, tiny_tokenizer
+from tests.fake_engine import FakeEngine, InstantEngine, MarkingTokenizer, tiny_tokenizer
 
 PROJECTS = {"general": ProjectSpec("general", "You are helpful.")}
 REPLY_TOPIC = "general/assistant_response/t/s1"
@@ -66,7 +66,7 @@ class Events:
             return list(self.items)
 
 
-class InstantEngine(FakeEngine):
+class ThreadRecordingEngine(InstantEngine):
     """Answers inside ``submit``, on the caller's thread (which it records)."""
 
     def __init__(self) -> None:
@@ -75,8 +75,7 @@ class InstantEngine(FakeEngine):
 
     def submit(self, request: GenerationRequest) -> None:
         self.threads.append(threading.current_thread().name)
-        request.on_done(GenerationResult(request.request_id, "pong", [5], "stop",
-                                         len(request.prompt_token_ids)))
+        super().submit(request)
 
 
 @pytest.fixture
@@ -166,7 +165,7 @@ def test_answered_turns_are_freed_by_reference_counting(router_for) -> None:
 
 
 def test_short_prompts_start_on_the_receiving_thread_long_ones_on_a_worker(router_for) -> None:
-    engine = InstantEngine()
+    engine = ThreadRecordingEngine()
     router, events = router_for(engine)
     router.handle_message("general/user_input", request("short"), None, NO_ACK)
     assert engine.threads == [threading.current_thread().name]  # and answered right there

@@ -12,22 +12,13 @@ from agent.acks import Ack
 from agent.config import AgentConfig
 from agent.router import Router
 from agent.topics import Topics
-from engine.api import GenerationRequest, GenerationResult
 from projects import ProjectSpec
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import InstantEngine
 
 PROJECTS = {"general": ProjectSpec("general", "You are helpful.")}
 # Beyond the largest built-in cap (10,000 requestIds seen, 10,000 rate-limit keys), so that
 # every structure is full before the second count.
 FILL, MEASURED = 12_000, 4_000
-
-
-class InstantEngine(FakeEngine):
-    """Answers inside ``submit`` and keeps nothing (FakeEngine records every request)."""
-
-    def submit(self, request: GenerationRequest) -> None:
-        request.on_done(GenerationResult(request.request_id, f"re: {len(request.prompt_token_ids)}",
-                                         [5], "stop", len(request.prompt_token_ids)))
 
 
 def memory() -> tuple[int, int]:
