@@ -4,8 +4,8 @@
 # 1. nvidia-smi and versions; 2. the GPU-marked tests; 3. bench/kernels.py;
 # 4. bench/engine.py on random-weight models of real layer shapes (fp16, int4 AWQ, fp8);
 # 5. every table under OUT_DIR, and a short summary printed last.
-# Needs torch, triton, transformers, safetensors, pyyaml, psutil, pytest (+ paho-mqtt and
-# hypothesis for the test collection); no network.
+# Needs torch, triton, transformers, safetensors, pyyaml, psutil, pytest, hypothesis; no
+# network. paho-mqtt and bitsandbytes come as wheels in .whl/ (scripts/gpu_wheels.sh), if there.
 set -uo pipefail
 out=${1:?usage: bench/gpu_all.sh OUT_DIR [tests] [kernels] [engine]}
 shift
@@ -15,6 +15,12 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 summary=()
+# wheels carried from the dev machine (scripts/gpu_wheels.sh): paho-mqtt, bitsandbytes
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 {
   nvidia-smi
