@@ -75,13 +75,17 @@ def _config(num_warps: int, num_stages: int = 3, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# WAVES: programs per SM the K split aims for (decode); BLOCK_KW: packed rows per step
+# WAVES: programs per SM the K split aims for (decode); BLOCK_KW: packed rows per step.
+# Register counts (sm_90, int4 at M = 1, from ptxas) decide how many programs an SM holds: the
+# large tiles take ~184 registers a thread (8 warps per SM), the small ones at most 64 (32 or
+# more warps per SM), which a latency-bound GEMV needs; the autotuner picks per shape.
 DECODE_CONFIGS = [
     _config(4, BLOCK_N=128, BLOCK_KW=16, WAVES=2),
-    _config(4, BLOCK_N=128, BLOCK_KW=16, WAVES=4),
     _config(8, BLOCK_N=256, BLOCK_KW=16, WAVES=4),
-    _config(4, BLOCK_N=64, BLOCK_KW=32, WAVES=4),
-    _config(4, BLOCK_N=128, BLOCK_KW=8, WAVES=4),  # tiles inside a 64-wide int4 group
+    _config(4, BLOCK_N=32, BLOCK_KW=16, WAVES=8),  # <= 64 registers: 8 programs per SM
+    _config(8, BLOCK_N=64, BLOCK_KW=16, WAVES=4),  # <= 64 registers (LUT: 102)
+    _config(8, BLOCK_N=128, BLOCK_KW=8, WAVES=4),  # M = 1: tiles inside a 64-wide int4 group
+    _config(8, BLOCK_N=32, BLOCK_KW=8, WAVES=8),  # M = 1: 32 registers, 64 warps per SM
 ]
 PREFILL_CONFIGS = [
     _config(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_KW=16, WAVES=1),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,64 @@ def test_kernels_compile(case: tuple) -> None:
     }
     target = GPUTarget("cuda", capability, 32)
     triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": 4})
+
+
+# Registers decide how many programs an SM holds, and a latency-bound GEMV needs many: the
+# decode table must keep configs that fit in 64 registers a thread without spilling, for each
+# kernel and both decode tile heights (what ptxas reports for sm_90; no GPU needed).
+OCCUPANCY_CASES = [  # kernel, constexprs, BLOCK_M
+    ("int", {"BITS": 4, "GROUP_WORDS": 16}, 1),
+    ("int", {"BITS": 4, "GROUP_WORDS": 16}, 16),
+    ("int", {"BITS": 8, "GROUP_WORDS": 32}, 1),
+    ("lut", {}, 1),
+    ("lut", {}, 16),
+]
+
+
+def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int) -> tuple[int, int]:
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    special = {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ws_ptr": "*fp32"}
+    signature = {
+        a: "constexpr" if a in constexprs
+        else special.get(a, f"*{act}") if a.endswith("_ptr") else "i32"
+        for a in fn.arg_names
+    }
+    kernel = triton.compile(ASTSource(fn, signature, constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", "-o", os.devnull,
+                                 str(ptx)], capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, spills
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton in compiled mode")
+@pytest.mark.parametrize("case", OCCUPANCY_CASES, ids=str)
+def test_decode_table_keeps_configs_that_fit_in_64_registers(case: tuple) -> None:
+    from kernels.int_gemm import _int_gemm_kernel
+    from kernels.int_gemm_launch import DECODE_CONFIGS, prune_configs
+    from kernels.lut_gemm import _lut_gemm_kernel
+
+    name, constexprs, block_m = case
+    fn = _int_gemm_kernel if name == "int" else _lut_gemm_kernel
+    configs = prune_configs(DECODE_CONFIGS, {"M": block_m, "BLOCK_M": block_m, **constexprs})
+    fitting = []
+    for config in configs:
+        meta = {**constexprs, **config.kwargs, "BLOCK_M": block_m, "HAS_BIAS": 0}
+        registers, spills = _registers_and_spills(fn, meta, "fp16", config.num_warps)
+        if registers <= 64 and spills == 0:
+            fitting.append(config.kwargs)
+    assert len(fitting) >= 2, fitting
