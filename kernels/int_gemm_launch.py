@@ -87,11 +87,14 @@ DECODE_CONFIGS = [
     _config(8, BLOCK_N=128, BLOCK_KW=8, WAVES=4),  # M = 1: tiles inside a 64-wide int4 group
     _config(8, BLOCK_N=32, BLOCK_KW=8, WAVES=8),  # M = 1: 32 registers, 64 warps per SM
 ]
+# Prefill: tiles whose fp32 accumulators fit without spilling (ptxas, sm_90): 64 x 128 with 4
+# warps, 128 x 128 and 128 x 256 spilled 1-6 KB a thread to local memory, 32 x 128 with 4 warps
+# 36 bytes (LUT).
 PREFILL_CONFIGS = [
-    _config(4, 4, BLOCK_M=32, BLOCK_N=128, BLOCK_KW=16, WAVES=1),
-    _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_KW=16, WAVES=1),
-    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_KW=16, WAVES=1),
-    _config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_KW=16, WAVES=1),
+    _config(8, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_KW=16, WAVES=1),
+    _config(8, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_KW=16, WAVES=1),
+    _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_KW=16, WAVES=1),
+    _config(8, 3, BLOCK_M=128, BLOCK_N=32, BLOCK_KW=16, WAVES=1),
 ]
 
 

@@ -18,7 +18,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.int_gemm_launch import DECODE_CONFIGS  # noqa: E402
+from kernels.int_gemm_launch import DECODE_CONFIGS, PREFILL_CONFIGS  # noqa: E402
 from tests.test_quant_gemm import check_int, check_lut  # noqa: E402
 
 F32, F16 = torch.float32, torch.float16
@@ -63,6 +63,13 @@ def test_every_decode_tile(config: dict) -> None:
     check_lut(1, 256, 40, F16, False, seed=6, config=config)
     if config["BLOCK_KW"] >= 16:  # tl.dot tiles: 2..16 rows
         check_int(4, 512, 40, 4, 128, F16, False, seed=7, config=config)
+
+
+@pytest.mark.parametrize("config", [{**c.kwargs, "num_warps": c.num_warps} for c in PREFILL_CONFIGS],
+                         ids=str)
+def test_every_prefill_tile(config: dict) -> None:
+    check_int(40, 256, 72, 4, 128, F16, True, seed=8, config=config)
+    check_lut(40, 128, 72, F16, False, seed=9, config=config)
 
 
 @pytest.mark.parametrize("case", INT_CASES, ids=str)

@@ -217,7 +217,8 @@ OCCUPANCY_CASES = [  # kernel, constexprs, BLOCK_M
 ]
 
 
-def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int) -> tuple[int, int]:
+def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int,
+                          num_stages: int = 3) -> tuple[int, int]:
     import re
     import subprocess
 
@@ -233,7 +234,8 @@ def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int) -> tup
         for a in fn.arg_names
     }
     kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(kernel.asm["ptx"])
@@ -264,3 +266,34 @@ def test_decode_table_keeps_configs_that_fit_in_64_registers(case: tuple) -> Non
         if registers <= 64 and spills == 0:
             fitting.append(config.kwargs)
     assert len(fitting) >= 2, fitting
+
+
+PREFILL_SPILL_CASES = [  # kernel, constexprs, activation
+    ("int", {"BITS": 4, "GROUP_WORDS": 16}, "fp16"),
+    ("int", {"BITS": 4, "GROUP_WORDS": 16}, "bf16"),
+    ("int", {"BITS": 8, "GROUP_WORDS": 32}, "fp16"),
+    ("lut", {}, "fp16"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs triton in compiled mode")
+@pytest.mark.parametrize("case", PREFILL_SPILL_CASES, ids=str)
+def test_no_prefill_tile_spills(case: tuple) -> None:
+    """A prefill tile whose accumulators do not fit spills them to local memory at every K
+    step (64 x 128 with 4 warps: 1 KB a thread; 128 x 256: 6 KB)."""
+    from kernels.int_gemm import _int_gemm_kernel
+    from kernels.int_gemm_launch import PREFILL_CONFIGS
+    from kernels.lut_gemm import _lut_gemm_kernel
+
+    name, constexprs, act = case
+    fn = _int_gemm_kernel if name == "int" else _lut_gemm_kernel
+    spilling = {}
+    for config in PREFILL_CONFIGS:
+        meta = {**constexprs, **config.kwargs, "HAS_BIAS": 0}
+        _, spills = _registers_and_spills(fn, meta, act, config.num_warps, config.num_stages)
+        if spills:
+            spilling[str(config.kwargs)] = spills
+    assert spilling == {}
