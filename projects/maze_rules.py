@@ -136,9 +136,9 @@ def _path(value: object) -> list[Cell] | None:
 def _route(obj: dict, state: MazeState, breaks: int) -> tuple[list[Cell], Cell | None]:
     """The path and the wall to break: the model's if valid on the grid, else computed.
 
-    Breaks are scarce: a computed path crosses a wall only where there is no way
-    round. One hint names one ``break_wall``, so it crosses at most one: a path
-    through two would lead the player into a wall still standing.
+    Breaks are scarce: a computed path crosses as few walls as it can (none where there is a
+    way round), up to the ``breaks`` left (PROTOCOL.md). One hint names one ``break_wall``,
+    the first wall on the path; the hints for the states that follow name the next ones.
     """
     grid, player, goal = state.grid, state.player, state.exit
     floor = floor_value(grid, player)
@@ -149,9 +149,11 @@ def _route(obj: dict, state: MazeState, breaks: int) -> tuple[list[Cell], Cell |
     given = _path(obj.get("path"))
     if given is not None and path_problem(grid, given, player, goal, wanted) is None:
         return given, wanted
-    path = shortest_path(grid, player, goal, 0)
-    if path is None and breaks > 0:  # a break only where there is no way round
-        path = shortest_path(grid, player, goal, 1)
+    path = None
+    for allowed in range(breaks + 1):  # the fewest breaks first, then the shortest path
+        path = shortest_path(grid, player, goal, allowed)
+        if path is not None:
+            break
     if path is None:
         return [], wanted or (wall_towards(grid, player, goal) if breaks > 0 else None)
     crossed = walls_on(grid, path, floor, goal)

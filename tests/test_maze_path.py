@@ -192,9 +192,22 @@ def test_breaks_run_out() -> None:
     assert used == 0 and "break_wall" not in hint and hint["path"] == [] and hint["breaks_remaining"] == 0
 
 
-def test_no_path_even_with_a_break() -> None:
+def test_a_path_may_cross_as_many_walls_as_breaks_remain() -> None:
+    """Two walls and two breaks: the path crosses both, the hint breaks the first (the hint
+    for the next state, one break left, names the second)."""
+    grid, player, goal = make_maze(SEALED)
+    hint, used = build_hint("?", parse_state(state(SEALED, "s")), 2)
+    assert hint["path"] == [[x, 1] for x in range(1, 7)] and player == [1, 1] and goal == [6, 1]
+    assert hint["break_wall"] == [3, 1] and used == 1 and hint["breaks_remaining"] == 1
+    check_hint(hint, grid, player, goal)
+    grid[1][3] = grid[1][1]  # the game broke it
+    hint, used = build_hint("?", parse_state(state(SEALED, "s", visible_map=grid)), 1)
+    assert hint["break_wall"] == [4, 1] and used == 1 and hint["breaks_remaining"] == 0
+
+
+def test_no_path_within_the_breaks_left() -> None:
     parsed = parse_state(state(SEALED, "s"))
-    hint, used = build_hint("?", parsed, 3)
+    hint, used = build_hint("?", parsed, 1)
     assert hint["path"] == [] and "highlight_zone" not in hint
     assert hint["break_wall"] == [0, 1] and used == 1  # next to the player, nearest the exit
 
