@@ -129,7 +129,7 @@ FLAGS: tuple[Flag, ...] = (
     _f("max_num_seqs", "int", 32, "engine", D, "sequences in one batch", minimum=1),
     _f("enforce_eager", "bool", False, "engine", D,
        "run every step eagerly; otherwise decode steps on a GPU replay CUDA graphs captured "
-       "for batch sizes 1, 2, 4, 8, 16, 32, ... up to --max_num_seqs"),
+       "for batch sizes 1, 2, 4, 8, then every 16 up to --max_num_seqs"),
     _f("max_num_batched_tokens", "int", 4096, "engine", D,
        "tokens in one forward pass (long prompts are prefilled in chunks)", minimum=16),
     # generation

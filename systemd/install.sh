@@ -25,7 +25,7 @@ ROOT="${DESTDIR:-}"
 START=1
 VENV=1
 # What the service needs at run time (no tests, no caches, no build outputs).
-PAYLOAD=(vLLMDeploy.py agent engine kernels projects configs scripts systemd README.md
+PAYLOAD=(vLLMDeploy.py agent engine kernels projects configs scripts systemd README.md docs
          requirements.txt requirements-dev.txt pyproject.toml)
 
 say() { echo "install: $*" >&2; }

@@ -28,6 +28,7 @@ _METHODS: dict[str, str] = {
 PRE_QUANTIZED_ONLY = ("awq", "gptq", "squeezellm")  # cannot quantize a plain model at load
 _ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq", "marlin": "gptq", "bnb": "bitsandbytes"}
 _SIDE_FILES = ("quantize_config.json", "quant_config.json")
+COMPRESSED_TENSORS = "compressed-tensors"  # a format (fp8 or int8 inside), not a method
 
 __all__ = ["QuantConfig", "QuantFormatError", "method_names", "normalise_method", "read_checkpoint_quant", "resolve"]
 
@@ -58,6 +59,8 @@ def resolve(flag: str | None, path: str | Path, config_json_quant: dict | None, 
     path = Path(path)
     wanted = normalise_method(flag)
     declared = read_checkpoint_quant(path, config_json_quant)
+    if flag is not None and flag.strip().lower() == COMPRESSED_TENSORS:
+        _check_compressed_tensors(path, declared)
     if declared is None:
         if wanted is None:
             return None
@@ -80,6 +83,23 @@ def resolve(flag: str | None, path: str | Path, config_json_quant: dict | None, 
     return _config_class(method).from_checkpoint(raw, source, options)
 
 
+def _check_compressed_tensors(path: Path, declared: tuple[str, dict, str] | None) -> None:
+    """``--quantization compressed-tensors`` names a format, not a method (the checkpoint's
+    config tells fp8 from int8): it must be what the checkpoint holds."""
+    if declared is None:
+        raise QuantFormatError(
+            f"--quantization compressed-tensors: this model ({path}) is not quantized (its "
+            f"config.json has no quantization_config); use --quantization fp8 or int8 to "
+            f"quantize it at load time, or download a compressed-tensors model"
+        )
+    method, raw, source = declared
+    if str(raw.get("quant_method", "")).lower() != COMPRESSED_TENSORS:
+        raise QuantFormatError(
+            f"--quantization compressed-tensors contradicts the checkpoint: {source} says it "
+            f"is {method}-quantized; use --quantization {method} (or leave --quantization unset)"
+        )
+
+
 def normalise_method(flag: str | None) -> str | None:
     """The method ``--quantization flag`` names (aliases resolved), None for "what the
     checkpoint says"; an unknown name is a ``QuantFormatError`` listing the choices."""
@@ -89,8 +109,8 @@ def normalise_method(flag: str | None) -> str | None:
     if name in ("", "none", "auto"):
         return None
     name = _ALIASES.get(name, name)
-    if name == "compressed-tensors":
-        return None  # the checkpoint's config tells fp8 from int8
+    if name == COMPRESSED_TENSORS:
+        return None  # the checkpoint's config tells fp8 from int8 (resolve checks the format)
     if name not in _METHODS:
         raise QuantFormatError(
             f"unknown quantization {flag!r}; choose one of none, {', '.join(_METHODS)}"
@@ -120,7 +140,7 @@ def _read_side_file(path: Path) -> tuple[dict, str] | None:
 def _method_of(raw: dict, source: str) -> str:
     method = str(raw.get("quant_method", "")).lower()
     method = _ALIASES.get(method, method)
-    if method == "compressed-tensors":
+    if method == COMPRESSED_TENSORS:
         return _compressed_tensors_method(raw, source)
     if method in _METHODS:
         return method
