@@ -419,6 +419,11 @@ def test_gptq_config_defaults_and_describe(caplog) -> None:
             {"bits": 4, "group_size": 128, "version": "gemv"},
             r"src\.json: AWQ 'version' 'gemv' is not supported",
         ),
+        (  # transformers 5 and GPTQModel name the layout 'format'
+            AWQConfig,
+            {"bits": 4, "group_size": 128, "format": "gemv_fast"},
+            r"src\.json: AWQ 'format' 'gemv_fast' is not supported",
+        ),
         (AWQConfig, {"bits": 4}, r"src\.json: missing 'group_size' or 'q_group_size'"),
         (AWQConfig, {"bits": 4, "group_size": 0}, r"'group_size' must be a positive group size"),
         (

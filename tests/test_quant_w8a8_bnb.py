@@ -256,7 +256,9 @@ def _group_edit(config: dict, **weights) -> dict:
 @pytest.mark.parametrize(("edit", "key"), [
     ({"num_bits": 4}, "config_groups.group_0.weights"),
     ({"strategy": "group", "group_size": 32}, "config_groups.group_0.weights.strategy"),
-    ({"strategy": "block"}, "config_groups.group_0.weights.strategy"),
+    ({"strategy": "block"}, "config_groups.group_0.weights.block_structure"),
+    ({"strategy": "block", "block_structure": [128, 0]},
+     "config_groups.group_0.weights.block_structure"),
     ({"symmetric": False}, "config_groups.group_0.weights.symmetric"),
 ])
 def test_bad_compressed_tensors_config(fp8_ckpt, edit, key) -> None:
@@ -278,6 +280,26 @@ def test_bad_activation_scheme(fp8_ckpt) -> None:
     config["config_groups"]["group_0"]["input_activations"] = None
     int8 = {**_group_edit(config, type="int"), "format": "int-quantized"}
     with pytest.raises(QuantFormatError, match="weight-only"):
+        Int8Config.from_checkpoint(int8, "config.json", {})
+
+
+def test_compressed_tensors_blocks_are_fp8_only_and_group_activations_dynamic_only(fp8_ckpt) -> None:
+    """The FP8_BLOCK preset: weights in blocks, activations dynamic per token-group (run per
+    token). int8 blocks and static group activations are refused."""
+    import copy
+
+    config = _group_edit(fp8_ckpt[1], strategy="block", block_structure=[128, 128])
+    acts = config["config_groups"]["group_0"]["input_activations"]
+    acts.update(strategy="group", group_size=128, dynamic=True)
+    method = FP8Config.from_checkpoint(config, "config.json", {})
+    assert "[128, 128] blocks requantized per-channel" in method.describe()
+    static = copy.deepcopy(config)
+    static["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    with pytest.raises(QuantFormatError, match="input_activations"):
+        FP8Config.from_checkpoint(static, "config.json", {})
+    int8 = {**_group_edit(config, type="int"), "format": "int-quantized"}
+    int8["config_groups"]["group_0"]["input_activations"].update(type="int", strategy="token")
+    with pytest.raises(QuantFormatError, match="weights.strategy 'block'"):
         Int8Config.from_checkpoint(int8, "config.json", {})
 
 

@@ -44,13 +44,13 @@ class AWQConfig(PackedQuantConfig):
     def from_raw(cls, raw: dict[str, Any], source: str) -> AWQConfig:
         read_bits(raw, ("bits", "w_bit"), (4,), source, "AWQ checkpoints are 4-bit only")
         group_size = read_group_size(raw, ("group_size", "q_group_size"), source)
-        version = str(raw.get("version", "gemm")).lower()
-        if version != "gemm":
-            raise QuantFormatError(
-                f"{source}: AWQ 'version' {raw.get('version')!r} is not supported: only the "
-                "'gemm' layout is read (GEMV checkpoints pack another way; re-export the model "
-                "with version 'gemm')"
-            )
+        for key in ("version", "format"):  # AutoAWQ writes version, transformers 5 format
+            if key in raw and str(raw[key]).lower() != "gemm":
+                raise QuantFormatError(
+                    f"{source}: AWQ {key!r} {raw[key]!r} is not supported: only the 'gemm' "
+                    "layout is read (GEMV checkpoints pack another way; re-export the model "
+                    "with version 'gemm')"
+                )
         skip = raw.get("modules_to_not_convert") or []
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise QuantFormatError(

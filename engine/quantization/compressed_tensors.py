@@ -26,17 +26,20 @@ from kernels.log_once import log_fallback_once
 
 LINEAR_CLASS_TARGETS = ("Linear",)  # class-name targets that select every linear layer
 _FORMATS = {"float": ("float-quantized", "naive-quantized"), "int": ("int-quantized", "naive-quantized")}
-_WEIGHT_STRATEGIES = ("tensor", "channel")
+_WEIGHT_STRATEGIES = {"float": ("tensor", "channel", "block"), "int": ("tensor", "channel")}
 
 
 @dataclass(frozen=True)
 class CTScheme:
     """One config group's scheme, checked. ``input_strategy`` None: weight-only."""
 
-    weight_strategy: str  # "tensor" | "channel"
-    input_strategy: str | None  # "tensor" (static, or dynamic read as per token) | "token" | None
+    weight_strategy: str  # "tensor" | "channel" | "block" (fp8: a scale per [bn, bk] tile)
+    # "tensor" (static, or dynamic read as per token) | "token" | "group" (dynamic, read as per
+    # token) | None
+    input_strategy: str | None
     input_dynamic: bool
     input_symmetric: bool
+    block: tuple[int, int] | None = None  # weights' block_structure [bn, bk] with "block"
 
     def describe(self) -> str:
         if self.input_strategy is None:
@@ -45,6 +48,8 @@ class CTScheme:
             acts = "activations dynamic per-token"
         else:
             acts = "activations static per-tensor"
+        if self.block is not None:
+            return f"weights in {list(self.block)} blocks requantized per-channel, {acts}"
         return f"weights per-{self.weight_strategy}, {acts}"
 
 
@@ -123,13 +128,15 @@ def _scheme(group: dict[str, Any], key: str, kind: str) -> CTScheme:
     if weights.get("dynamic", False):
         raise QuantFormatError(f"{key}.weights.dynamic: dynamic weight quantization is not supported")
     strategy = weights.get("strategy")
-    if strategy not in _WEIGHT_STRATEGIES:
+    if strategy not in _WEIGHT_STRATEGIES[kind]:
         raise QuantFormatError(
-            f"{key}.weights.strategy {strategy!r} is not supported; expected 'tensor' or 'channel'"
+            f"{key}.weights.strategy {strategy!r} is not supported for {kind} weights; expected "
+            f"{' or '.join(repr(s) for s in _WEIGHT_STRATEGIES[kind])}"
         )
+    block = _block_structure(weights, key) if strategy == "block" else None
     acts = group.get("input_activations")
     if acts is None:
-        return CTScheme(strategy, None, False, True)
+        return CTScheme(strategy, None, False, True, block)
     if not isinstance(acts, dict):
         raise QuantFormatError(f"{key}.input_activations must be an object or null")
     if acts.get("num_bits") not in (None, 8) or acts.get("type", kind) != kind:
@@ -143,17 +150,31 @@ def _scheme(group: dict[str, Any], key: str, kind: str) -> CTScheme:
         pass
     elif a_strategy == "tensor" and dynamic in (True, False):
         pass  # dynamic per tensor runs per token (finer, the same kernel)
+    elif a_strategy == "group" and dynamic is True and kind == "float":
+        pass  # block-quantized presets (FP8_BLOCK): dynamic per token-group, run per token
     else:
         raise QuantFormatError(
             f"{key}.input_activations: strategy {a_strategy!r} with dynamic {dynamic!r} is not "
-            "supported; expected strategy 'tensor' (static or dynamic) or 'token' (dynamic)"
+            "supported; expected strategy 'tensor' (static or dynamic), 'token' (dynamic) or, "
+            "for fp8, 'group' (dynamic)"
         )
     if not symmetric and (kind == "float" or dynamic):
         raise QuantFormatError(
             f"{key}.input_activations.symmetric: asymmetric activations are supported only "
             "for static int8"
         )
-    return CTScheme(strategy, a_strategy, bool(dynamic), symmetric)
+    return CTScheme(strategy, a_strategy, bool(dynamic), symmetric, block)
+
+
+def _block_structure(weights: dict[str, Any], key: str) -> tuple[int, int]:
+    block = weights.get("block_structure")
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise QuantFormatError(
+            f"{key}.weights.block_structure must be [bn, bk] (positive integers) with strategy "
+            f"'block', got {block!r}"
+        )
+    return block[0], block[1]
 
 
 # -- layer tensors shared by the fp8 and int8 methods ---------------------------------------

@@ -6,10 +6,11 @@ Runtime tensors of a layer: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` float32
 token), ``bias``; ``W = weight.float() * weight_scale``; ``kernels.fp8_gemm.fp8_linear``
 multiplies.
 
-Block-quantized AutoFP8/DeepSeek checkpoints (``weight_block_size [bn, bk]`` with
-``weight_scale_inv``, a multiplier despite its name) are read by dequantizing each block and
-requantizing every output row with its own scale (``amax / 448``): one more fp8 rounding,
-the per-channel kernel instead of a block kernel.
+Block-quantized checkpoints (AutoFP8/DeepSeek ``weight_block_size [bn, bk]`` with
+``weight_scale_inv``, a multiplier despite its name; compressed-tensors weights strategy
+``block`` with ``block_structure [bn, bk]`` and a ``weight_scale`` grid) are read by
+dequantizing each block and requantizing every output row with its own scale
+(``amax / 448``): one more fp8 rounding, the per-channel kernel instead of a block kernel.
 """
 
 from __future__ import annotations
@@ -136,11 +137,12 @@ class FP8LinearMethod(QuantLinearMethod):
             weight, scale = quantize_fp8(w, per_channel=False)
         else:
             weight = tensors.take("weight", shape=(n, k), dtypes=(torch.float8_e4m3fn,)).to(device)
-            if self.block is not None:
-                bn, bk = self.block
-                grid = (-(-n // bn), -(-k // bk))
-                scale_inv = tensors.take("weight_scale_inv", shape=grid, dtypes=FLOAT_DTYPES).to(device)
-                weight, scale = quantize_fp8(dequantize_blocks(weight, scale_inv, self.block), per_channel=True)
+            block = self.block or self.scheme.block
+            if block is not None:  # AutoFP8's weight_scale_inv, compressed-tensors' weight_scale
+                grid = (-(-n // block[0]), -(-k // block[1]))
+                name = "weight_scale_inv" if self.block is not None else "weight_scale"
+                multiplier = tensors.take(name, shape=grid, dtypes=FLOAT_DTYPES).to(device)
+                weight, scale = quantize_fp8(dequantize_blocks(weight, multiplier, block), per_channel=True)
             else:
                 per_channel = self.scheme.weight_strategy == "channel" or self.origin == "autofp8"
                 scale = take_scale(tensors, "weight_scale", n if per_channel else None, device)
