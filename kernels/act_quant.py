@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels.act_quant_ref import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_fp8_per_tensor_ref
 from kernels.fp8 import E4M3, fp32_to_fp8_bits
+from kernels.host_ints import next_power_of_2
 
 _E4M3 = tl.constexpr(E4M3)  # compiled kernels see only constexpr globals
 
@@ -78,7 +79,7 @@ def _quant_rows(
         scale = static_scale.float().reshape(1)
     if m == 0:
         return xq, scale
-    block = triton.next_power_of_2(k)
+    block = next_power_of_2(k)
     hw_fp8 = not int8 and x.is_cuda and has_fp8_tensor_cores(x.device)
     _quant_rows_kernel[(m,)](
         x, xq if int8 or hw_fp8 else xq.view(torch.uint8), scale, zero_point if zero_point is not None else scale,

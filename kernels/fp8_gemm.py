@@ -27,6 +27,7 @@ import triton.language as tl
 from kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
 from kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
 from kernels.fp8_gemm_ref import fp8_linear_ref
+from kernels.host_ints import cdiv
 from kernels.int8_gemm import grouped_tile, w8a8_gemm
 from kernels.log_once import log_fallback_once, log_once
 from kernels.w8a8_args import check_w8a8_args
@@ -204,7 +205,7 @@ def fp8_weight_only_gemm(
         return out
     bm, bn, bk, warps, stages = tiles or _weight_only_tiles(m)
     sw = weight_scale.float().reshape(-1)
-    _fp8_weight_only_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+    _fp8_weight_only_kernel[(cdiv(m, bm) * cdiv(n, bn),)](
         x, weight.view(torch.uint8), out, sw, bias if bias is not None else sw, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         SW_COLS=sw.numel() > 1, HAS_BIAS=bias is not None,

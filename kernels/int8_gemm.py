@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.act_quant import quantize_int8_per_token, quantize_int8_static
+from kernels.host_ints import cdiv
 from kernels.int8_gemm_ref import int8_linear_ref
 from kernels.log_once import log_once
 from kernels.w8a8_args import check_w8a8_args
@@ -122,10 +123,10 @@ def _tiles(m: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), picked from sweeps on an H100
     (4096x11008, 5120x27648, 11008x4096; M 1, 16, 256), the same for int8 and fp8."""
     if m <= 16:  # weight streaming: enough column tiles to cover the SMs
-        return (16, 128, 256, 4, 4) if triton.cdiv(n, 128) >= 80 else (16, 64, 256, 4, 4)
+        return (16, 128, 256, 4, 4) if cdiv(n, 128) >= 80 else (16, 64, 256, 4, 4)
     if m <= 64:
         return 64, 128, 128, 4, 4
-    if triton.cdiv(m, 128) * triton.cdiv(n, 128) < 132:  # fewer 128x128 tiles than H100 SMs
+    if cdiv(m, 128) * cdiv(n, 128) < 132:  # fewer 128x128 tiles than H100 SMs
         return 128, 64, 128, 4, 5
     return 128, 128, 128, 8, 3
 
@@ -156,7 +157,7 @@ def w8a8_gemm(
         return out
     bm, bn, bk, warps, stages = tiles or _tiles(m, n)
     sa, sb = x_scale.float().reshape(-1), weight_scale.float().reshape(-1)
-    _w8a8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
+    _w8a8_gemm_kernel[(cdiv(m, bm) * cdiv(n, bn),)](
         xq, weight, out, sa, sb, zero_point if zero_point is not None else sa,
         bias if bias is not None else sb, m, n, k, xq.stride(0), weight.stride(0), out.stride(0),
         FP8=fp8, SA_ROWS=sa.numel() > 1, SB_COLS=sb.numel() > 1, HAS_ZP=zero_point is not None,

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_ints import cdiv
 from kernels.int_gemm_launch import finish_tile, launch, tile_and_split
 from kernels.int_gemm_ref import SUPPORTED_BITS
 from kernels.packed_gemm_checks import check_activations, check_packed, check_param
@@ -132,16 +133,16 @@ def int_gemm(
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     _, k = check_activations(x)
     pack = 32 // bits
-    kp = triton.cdiv(k, pack)
+    kp = cdiv(k, pack)
     n = check_packed(qweight, kp, x.device, f"ceil(K / {pack}) = {kp}")
     if not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if group_size < k and group_size % pack:
         raise ValueError(f"group_size {group_size} must be a multiple of {pack} for {bits}-bit")
-    groups = triton.cdiv(k, group_size)
+    groups = cdiv(k, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
         check_param(name, t, (groups, n), x)
     # one group: a group "width" every tile divides, so each tile loads one scale row
-    group_words = group_size // pack if groups > 1 else triton.cdiv(kp, 256) * 256
+    group_words = group_size // pack if groups > 1 else cdiv(kp, 256) * 256
     return launch(_int_gemm_kernel, x, (qweight, scales, zeros), bias, n, kp, variant, config,
                   BITS=bits, GROUP_WORDS=group_words)

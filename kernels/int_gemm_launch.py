@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_ints import cdiv, next_power_of_2
 from kernels.packed_gemm_checks import check_bias
 
 DECODE_MAX_M = 16
@@ -102,7 +103,7 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> l
     """Drop tiles ``tl.dot`` cannot take (< 16 rows) or far taller than M; prefer tiles that
     stay inside one quantization group."""
     args = {**named_args, **kwargs}
-    m_cap = max(32, triton.next_power_of_2(args["M"]))
+    m_cap = max(32, next_power_of_2(args["M"]))
     valid = [
         c for c in configs
         if (c.kwargs.get("BLOCK_M", args.get("BLOCK_M")) == 1 or c.kwargs["BLOCK_KW"] >= 16)
@@ -123,10 +124,10 @@ def num_sms(device: torch.device) -> int:
 
 def num_splits(n: int, kp: int, block_n: int, block_kw: int, waves: int, sms: int) -> int:
     """K splits for about ``waves`` programs per SM, each over at least two K steps."""
-    want = triton.cdiv(waves * sms, triton.cdiv(n, block_n))
+    want = cdiv(waves * sms, cdiv(n, block_n))
     split = max(1, min(want, kp // (2 * block_kw)))
-    per_split = triton.cdiv(triton.cdiv(kp, split), block_kw) * block_kw
-    return triton.cdiv(kp, per_split)
+    per_split = cdiv(cdiv(kp, split), block_kw) * block_kw
+    return cdiv(kp, per_split)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -178,17 +179,17 @@ def launch(kernel, x: torch.Tensor, weights: tuple, bias: torch.Tensor | None, n
                      for c in metas)
         if splits > 1:
             ws = torch.empty(splits, m, n, dtype=torch.float32, device=device)
-            cnt = ticket_counters(device, triton.cdiv(n, min(c["BLOCK_N"] for c in metas)))
-        bucket = triton.next_power_of_2(m)
+            cnt = ticket_counters(device, cdiv(n, min(c["BLOCK_N"] for c in metas)))
+        bucket = next_power_of_2(m)
 
         def grid(meta: dict) -> tuple[int, int, int]:
-            return (1, triton.cdiv(n, meta["BLOCK_N"]),
+            return (1, cdiv(n, meta["BLOCK_N"]),
                     num_splits(n, kp, meta["BLOCK_N"], meta["BLOCK_KW"], meta["WAVES"], sms))
     else:
-        bucket = min(triton.next_power_of_2(m), 4096)
+        bucket = min(next_power_of_2(m), 4096)
 
         def grid(meta: dict) -> tuple[int, int, int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), 1)
+            return (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]), 1)
 
     bias_ptr = out if bias is None else bias  # a placeholder without bias (never read)
     args = (out, x, *weights, bias_ptr, ws, cnt, m, n, k, kp, x.stride(0))

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host_ints import cdiv
 from kernels.int_gemm_launch import finish_tile, launch, tile_and_split
 from kernels.packed_gemm_checks import check_activations, check_packed, check_param
 
@@ -66,7 +67,7 @@ def lut_gemm(
     4-bit indices, ``lut [N, 16]`` in ``x.dtype``. ``variant`` and ``config`` as in
     ``kernels.int_gemm.int_gemm``."""
     _, k = check_activations(x)
-    kp = triton.cdiv(k, 8)
+    kp = cdiv(k, 8)
     n = check_packed(qweight, kp, x.device, f"ceil(K / 8) = {kp}")
     check_param("lut", lut, (n, 16), x)
     return launch(_lut_gemm_kernel, x, (qweight, lut), bias, n, kp, variant, config)

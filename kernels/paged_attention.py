@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import as_kernel_arg, fp8_bits_to_fp16, fp8_kind, read_factor
+from kernels.host_ints import cdiv, next_power_of_2
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2
 
@@ -130,7 +131,7 @@ def check_inputs(
     assert block_tables.stride(1) == 1
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (block_tables.shape[0],)
     assert q.device == k_cache.device == block_tables.device == seq_lens.device
-    return num_heads // num_kv_heads, max(16, triton.next_power_of_2(head_dim))
+    return num_heads // num_kv_heads, max(16, next_power_of_2(head_dim))
 
 
 def dot_precision(q: torch.Tensor) -> str:
@@ -182,7 +183,7 @@ def paged_attention(
         return out
     qk_scale, v_sc = softmax_scales(k_cache, scale, k_scale, v_scale)
     kc, vc = as_kernel_arg(k_cache), as_kernel_arg(v_cache)
-    grid = (num_seqs, triton.cdiv(max_query_len * group, block_m), k_cache.shape[2])
+    grid = (num_seqs, cdiv(max_query_len * group, block_m), k_cache.shape[2])
     _varlen_kernel[grid](
         out, q, kc, vc, block_tables, query_start_loc, seq_lens, qk_scale, v_sc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import as_kernel_arg, fp8_kind
+from kernels.host_ints import cdiv, next_power_of_2
 from kernels.paged_attention import attend_range, check_inputs, dot_precision, softmax_scales
 
 
@@ -121,7 +122,7 @@ def paged_attention_decode(
     num_kv_heads = k_cache.shape[2]
     if num_splits is None:
         num_splits = _default_splits(num_seqs * num_kv_heads, max_seq_len, q.device)
-    partition = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+    partition = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
     qk_scale, v_sc = softmax_scales(k_cache, scale, k_scale, v_scale)
     kc, vc = as_kernel_arg(k_cache), as_kernel_arg(v_cache)
     split = num_splits > 1
@@ -136,13 +137,13 @@ def paged_attention_decode(
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
         WINDOW=sliding_window or 0, FP8=fp8_kind(k_cache.dtype), PREC=dot_precision(q),
-        SPLIT=split, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        SPLIT=split, BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps,
     )
     if split:
         _combine_kernel[(num_seqs, num_heads)](
             out, part, lse, v_sc, num_splits, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=block_d,
         )
     return out
 
@@ -157,5 +158,5 @@ def _num_sms(device: torch.device) -> int:
 def _default_splits(programs: int, max_seq_len: int, device: torch.device) -> int:
     """Enough splits for about two programs per SM, each with at least 256 keys."""
     sms = _num_sms(device)
-    want = triton.cdiv(2 * sms, max(programs, 1))
-    return max(1, min(want, triton.cdiv(max_seq_len, 256), 64))
+    want = cdiv(2 * sms, max(programs, 1))
+    return max(1, min(want, cdiv(max_seq_len, 256), 64))

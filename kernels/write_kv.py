@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8 import as_kernel_arg, fp8_kind, fp32_to_fp8_bits
+from kernels.host_ints import next_power_of_2
 
 
 @triton.jit
@@ -80,6 +81,6 @@ def write_kv(
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=next_power_of_2(num_heads), BLOCK_D=next_power_of_2(head_dim),
         FP8=kind,
     )

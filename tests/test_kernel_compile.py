@@ -66,3 +66,17 @@ def test_kernels_compile(capability: int, cache: str) -> None:
              "slot_ptr": "*i64"}
     _compile(_write_kv_kernel, write, {"NUM_HEADS": 8, "HEAD_DIM": 128, "PAGE": 16,
                                        "BLOCK_H": 8, "BLOCK_D": 128, "FP8": fp8}, capability, 4)
+
+
+def test_host_integer_helpers_match_tritons() -> None:
+    """kernels.host_ints replaces triton.cdiv / next_power_of_2 on the Python side of launches
+    (each Triton call there costs microseconds): the same results."""
+    import triton
+
+    from kernels.host_ints import cdiv, next_power_of_2
+
+    for a in range(0, 600):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 7, 16, 128, 255):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert next_power_of_2(2**40 + 1) == 2**41
