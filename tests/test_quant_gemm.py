@@ -170,6 +170,20 @@ def test_split_counters_survive_repeats_gpu() -> None:
 
 # -- compiled for real CUDA targets, without a GPU (what only the compiler sees) --------------
 
+def compiled_without_a_gpu(test):
+    """Marks a test that compiles kernels for real CUDA targets (Triton's NVIDIA backend and
+    its bundled ptxas run on the CPU)."""
+    marks = (
+        pytest.mark.slow,
+        pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION"),
+        pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
+                           reason="needs triton in compiled mode"),
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
 COMPILE_CASES = [  # kernel, activation, constexprs (besides HAS_BIAS, WAVES), capability
     ("int", "fp16", {"BITS": 4, "GROUP_WORDS": 16, "BLOCK_M": 1, "BLOCK_KW": 16}, 90),
     ("int", "bf16", {"BITS": 4, "GROUP_WORDS": 4, "BLOCK_M": 16, "BLOCK_KW": 16}, 80),
@@ -179,30 +193,38 @@ COMPILE_CASES = [  # kernel, activation, constexprs (besides HAS_BIAS, WAVES), c
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs triton in compiled mode")
+@compiled_without_a_gpu
 @pytest.mark.parametrize("case", COMPILE_CASES, ids=str)
 def test_kernels_compile(case: tuple) -> None:
+    name, act, constexprs, capability = case
+    constexprs = {**constexprs, "HAS_BIAS": 1, "WAVES": 4, "BLOCK_N": 128}
+    compile_for(_packed_kernel(name), constexprs, act, capability, num_warps=4)
+
+
+def _packed_kernel(name: str):
+    from kernels.int_gemm import _int_gemm_kernel
+    from kernels.lut_gemm import _lut_gemm_kernel
+
+    return _int_gemm_kernel if name == "int" else _lut_gemm_kernel
+
+
+def compile_for(fn, constexprs: dict, act: str, capability: int, num_warps: int,
+                num_stages: int = 3):
+    """``fn`` compiled for ``sm_<capability>`` (no GPU needed): pointers to ``act`` elements
+    but the packed words, ticket counters and workspace; other arguments i32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.int_gemm import _int_gemm_kernel
-    from kernels.lut_gemm import _lut_gemm_kernel
-
-    name, act, constexprs, capability = case
-    fn = _int_gemm_kernel if name == "int" else _lut_gemm_kernel
-    constexprs = {**constexprs, "HAS_BIAS": 1, "WAVES": 4, "BLOCK_N": 128}
     special = {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ws_ptr": "*fp32"}
     signature = {
         a: "constexpr" if a in constexprs
         else special.get(a, f"*{act}") if a.endswith("_ptr") else "i32"
         for a in fn.arg_names
     }
-    target = GPUTarget("cuda", capability, 32)
-    triton.compile(ASTSource(fn, signature, constexprs), target=target, options={"num_warps": 4})
+    return triton.compile(ASTSource(fn, signature, constexprs),
+                          target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 # Registers decide how many programs an SM holds, and a latency-bound GEMV needs many: the
@@ -219,23 +241,13 @@ OCCUPANCY_CASES = [  # kernel, constexprs, BLOCK_M
 
 def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int,
                           num_stages: int = 3) -> tuple[int, int]:
+    """What ptxas reports for ``fn`` on sm_90: registers a thread, bytes of spill stores."""
     import re
     import subprocess
 
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
 
-    special = {"qw_ptr": "*i32", "cnt_ptr": "*i32", "ws_ptr": "*fp32"}
-    signature = {
-        a: "constexpr" if a in constexprs
-        else special.get(a, f"*{act}") if a.endswith("_ptr") else "i32"
-        for a in fn.arg_names
-    }
-    kernel = triton.compile(ASTSource(fn, signature, constexprs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel = compile_for(fn, constexprs, act, 90, num_warps, num_stages)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(kernel.asm["ptx"])
@@ -246,18 +258,13 @@ def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int,
     return registers, spills
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs triton in compiled mode")
+@compiled_without_a_gpu
 @pytest.mark.parametrize("case", OCCUPANCY_CASES, ids=str)
 def test_decode_table_keeps_configs_that_fit_in_64_registers(case: tuple) -> None:
-    from kernels.int_gemm import _int_gemm_kernel
     from kernels.int_gemm_launch import DECODE_CONFIGS, prune_configs
-    from kernels.lut_gemm import _lut_gemm_kernel
 
     name, constexprs, block_m = case
-    fn = _int_gemm_kernel if name == "int" else _lut_gemm_kernel
+    fn = _packed_kernel(name)
     configs = prune_configs(DECODE_CONFIGS, {"M": block_m, "BLOCK_M": block_m, **constexprs})
     fitting = []
     for config in configs:
@@ -276,20 +283,15 @@ PREFILL_SPILL_CASES = [  # kernel, constexprs, activation
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs triton in compiled mode")
+@compiled_without_a_gpu
 @pytest.mark.parametrize("case", PREFILL_SPILL_CASES, ids=str)
 def test_no_prefill_tile_spills(case: tuple) -> None:
     """A prefill tile whose accumulators do not fit spills them to local memory at every K
     step (64 x 128 with 4 warps: 1 KB a thread; 128 x 256: 6 KB)."""
-    from kernels.int_gemm import _int_gemm_kernel
     from kernels.int_gemm_launch import PREFILL_CONFIGS
-    from kernels.lut_gemm import _lut_gemm_kernel
 
     name, constexprs, act = case
-    fn = _int_gemm_kernel if name == "int" else _lut_gemm_kernel
+    fn = _packed_kernel(name)
     spilling = {}
     for config in PREFILL_CONFIGS:
         meta = {**constexprs, **config.kwargs, "HAS_BIAS": 0}
