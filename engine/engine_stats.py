@@ -36,14 +36,18 @@ class EngineStats:
             self._counts["prompt_tokens"] += prompt_tokens
             self._counts["tokens_generated"] += tokens
             self._steps.append((start, end, tokens))
+            self._forget_steps_before(end - RATE_WINDOW_S)  # also when nobody reads the rate
 
     def snapshot(self) -> dict[str, float]:
         now = time.monotonic()
         with self._lock:
             out: dict[str, float] = dict(self._counts)
-            while self._steps and self._steps[0][1] < now - RATE_WINDOW_S:
-                self._steps.popleft()
+            self._forget_steps_before(now - RATE_WINDOW_S)
             tokens = sum(n for _, _, n in self._steps)
             span = now - self._steps[0][0] if self._steps else 0.0
         out["tokens_per_s"] = tokens / span if span > 0 else 0.0
         return out
+
+    def _forget_steps_before(self, cutoff: float) -> None:
+        while self._steps and self._steps[0][1] < cutoff:
+            self._steps.popleft()
