@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kernels.host_ints import cdiv  # noqa: E402
 from kernels.int_gemm_ref import pack_along_k  # noqa: E402
 
 SHAPES = ("4096x4096", "4096x11008", "11008x4096", "5120x13824", "5120x27648")
@@ -52,7 +53,7 @@ class Case:
 
 def copies_beyond_cache(nbytes: int, l2_bytes: int) -> int:
     """How many copies of a case's inputs span twice the L2 cache (at least one)."""
-    return max(1, -(-2 * l2_bytes // max(nbytes, 1)))
+    return max(1, cdiv(2 * l2_bytes, max(nbytes, 1)))
 
 
 def cycling(copies: list[Case]) -> Case:
