@@ -59,7 +59,7 @@ def resolve(flag: str | None, path: str | Path, config_json_quant: dict | None, 
     path = Path(path)
     wanted = normalise_method(flag)
     declared = read_checkpoint_quant(path, config_json_quant)
-    if flag is not None and flag.strip().lower() == COMPRESSED_TENSORS:
+    if flag is not None and _flag_name(flag) == COMPRESSED_TENSORS:
         _check_compressed_tensors(path, declared)
     if declared is None:
         if wanted is None:
@@ -100,15 +100,20 @@ def _check_compressed_tensors(path: Path, declared: tuple[str, dict, str] | None
         )
 
 
+def _flag_name(flag: str) -> str:
+    """A ``--quantization`` value as compared: trimmed, lower case, aliases resolved."""
+    name = flag.strip().lower()
+    return _ALIASES.get(name, name)
+
+
 def normalise_method(flag: str | None) -> str | None:
     """The method ``--quantization flag`` names (aliases resolved), None for "what the
     checkpoint says"; an unknown name is a ``QuantFormatError`` listing the choices."""
     if flag is None:
         return None
-    name = flag.strip().lower()
+    name = _flag_name(flag)
     if name in ("", "none", "auto"):
         return None
-    name = _ALIASES.get(name, name)
     if name == COMPRESSED_TENSORS:
         return None  # the checkpoint's config tells fp8 from int8 (resolve checks the format)
     if name not in _METHODS:
