@@ -304,7 +304,7 @@ def main() -> None:
             f"| {o / pd:.2f}x | {t_o:.1f} | {cell(t_nv, '.1f')} | {t_pd:.1f} |"
         )
     if device.type == "cuda":
-        from bench.kernels import ceilings
+        from bench.kernel_bench import ceilings
 
         bandwidth, _ = ceilings(device)
         print(f"\ndecode vs the bandwidth bound (copy bandwidth {bandwidth / 1e12:.2f} TB/s, "

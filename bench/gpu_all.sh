@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything only a GPU can show, in one run (../shared/GPU.md):
 #   bench/gpu_all.sh OUT_DIR [tests] [kernels] [engine]     (no stage names: all three)
-# 1. nvidia-smi and versions; 2. the GPU-marked tests; 3. bench/kernels.py;
+# 1. nvidia-smi and versions; 2. the GPU-marked tests; 3. bench/kernel_bench.py;
 # 4. bench/engine.py on random-weight models of real layer shapes (fp16, int4 AWQ, fp8);
 # 5. every table under OUT_DIR, and a short summary printed last.
 # Needs torch, triton, transformers, safetensors, pyyaml, psutil, pytest, hypothesis; no
@@ -34,7 +34,7 @@ if [[ $stages == *tests* ]]; then
 fi
 
 if [[ $stages == *kernels* ]]; then
-  $py bench/kernels.py --out "$out" 2>&1 | tee "$out/kernels.txt"
+  $py bench/kernel_bench.py --out "$out" 2>&1 | tee "$out/kernels.txt"
   summary+=("kernels: $(grep -c '^| [0-9]' "$out/kernels.txt") rows, $(grep -c failed "$out/kernels.txt") failed")
 fi
 

@@ -23,7 +23,7 @@ import math
 import torch
 
 from engine.layers.attention import CALIBRATION_HEADROOM, Attention, LayerKVCache
-from kernels.paged_attention_ref import is_fp8
+from deploy_kernels.paged_attention_ref import is_fp8
 
 log = logging.getLogger(__name__)
 

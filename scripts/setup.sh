@@ -54,30 +54,85 @@ ensure_redis() {
     say "redis-server did not come up on 127.0.0.1:6379"; return 1
 }
 
+# What the venv is built from: the lock of exact versions (every package, transitive ones
+# included), written by scripts/refresh_lock.sh from a venv in which the suite passed. Edit
+# requirements*.txt to add a dependency, then refresh the lock: a package the requirements name
+# and the lock does not pin stops the set-up with that fix.
+LOCK_NAME=requirements-lock.txt
+
 requirements_hash() {
     { echo "$TORCH_PIN $AUTOAWQ_PIN"; "$PYTHON" -c 'import sys; print(sys.version)'
-      cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt"; } | sha256sum | cut -d' ' -f1
+      cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/$LOCK_NAME"; } | sha256sum | cut -d' ' -f1
+}
+
+# The last line of a failed set-up: which step, and what to do about it.
+setup_failed() {
+    say "FAILED at step \"$1\": $2"
+    return 1
+}
+
+# pip, quiet, its whole output kept in $VENV/setup.log and its last lines shown on failure.
+pip_logged() {
+    local log="$VENV/setup.log"
+    if ! "$VENV/bin/python" -m pip install -q --progress-bar off "$@" >>"$log" 2>&1; then
+        tail -n 15 "$log" | sed 's/^/    pip: /' >&2
+        return 1
+    fi
+}
+
+# Installs exactly the lock into $VENV (fresh or existing) and removes what it does not list.
+install_locked() {
+    local fix="check the network (pip needs PyPI), or run scripts/refresh_lock.sh if requirements*.txt changed"
+    local unpinned
+    unpinned="$(comm -23 <(requirement_names) <(lock_names < "$ROOT/$LOCK_NAME"))"
+    [ -z "$unpinned" ] || { setup_failed "check the lock" \
+        "requirements*.txt name $(echo "$unpinned" | tr "\n" " ")but requirements-lock.txt does not pin them: run scripts/refresh_lock.sh"
+        return 1; }
+    say "[2/4] torch (${TORCH_PIN#torch==}; on a CPU machine the local CPU build, on a GPU box the CUDA build, minutes)"
+    pip_logged -c "$ROOT/$LOCK_NAME" "$TORCH_PIN" || { setup_failed "install torch" "$fix"; return 1; }
+    say "[3/4] the locked packages of requirements-dev.txt ($(grep -c '==' "$ROOT/$LOCK_NAME") pins in requirements-lock.txt; a few minutes the first time)"
+    pip_logged -c "$ROOT/$LOCK_NAME" -r "$ROOT/requirements-dev.txt" \
+        && pip_logged -c "$ROOT/$LOCK_NAME" --no-deps "$AUTOAWQ_PIN" \
+        || { setup_failed "install requirements-dev.txt from the lock" "$fix"; return 1; }
+    say "[4/4] removing packages the lock does not list"
+    local extra
+    extra="$(comm -23 <("$VENV/bin/python" -m pip freeze | lock_names) <(lock_names < "$ROOT/$LOCK_NAME"))"
+    # shellcheck disable=SC2086  # one package name a word
+    [ -z "$extra" ] || "$VENV/bin/python" -m pip uninstall -q -y $extra >>"$VENV/setup.log" 2>&1 \
+        || { setup_failed "remove packages outside the lock ($extra)" "delete .venv and run again"; return 1; }
+}
+
+# Package names of requirement lines ('name==version', 'name>=1; marker'), normalised as pip
+# compares them, sorted; comments, options and '-r' lines are skipped.
+lock_names() {
+    grep -E '^[A-Za-z0-9]' | sed -E 's/[]<>!~; @=[].*//' | tr 'A-Z_.' 'a-z--' | sort -u
+}
+
+requirement_names() {
+    cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" | lock_names
 }
 
 ensure_venv() {
-    local want
+    local want started=$SECONDS
     want="$(requirements_hash)"
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c '' 2>/dev/null; then
         return 0
     fi
     if ! "$VENV/bin/python" -c '' 2>/dev/null; then
-        say "creating $VENV"
-        rm -rf "$VENV" && "$PYTHON" -m venv "$VENV" || { say "cannot create $VENV"; return 1; }
+        say "[1/4] creating $VENV (the first run takes a few minutes; later runs start at once)"
+        rm -rf "$VENV" && "$PYTHON" -m venv "$VENV" \
+            || { setup_failed "create $VENV" "install python3-venv (sudo apt-get install -y python3-venv)"; return 1; }
+    else
+        say "[1/4] refreshing $VENV: the lock or the requirements changed"
     fi
-    say "installing the requirements into $VENV (again only when they change)"
     rm -f "$STAMP"
-    "$VENV/bin/python" -m pip install -q "$TORCH_PIN" \
-        && "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt" \
-        && "$VENV/bin/python" -m pip install -q --no-deps "$AUTOAWQ_PIN" \
-        || { say "pip install failed (see above)"; return 1; }
+    install_locked || return 1
     echo "$want" > "$STAMP"
+    say "$VENV is ready ($((SECONDS - started)) s); pip's log: $VENV/setup.log"
 }
 
 setup_all() {
-    ensure_python_venv && ensure_venv && ensure_mosquitto
+    ensure_python_venv || { setup_failed "python3 with venv" "sudo apt-get install -y python3 python3-venv"; return 1; }
+    ensure_venv || return 1
+    ensure_mosquitto || { setup_failed "mosquitto" "sudo apt-get install -y mosquitto"; return 1; }
 }

@@ -25,8 +25,8 @@ ROOT="${DESTDIR:-}"
 START=1
 VENV=1
 # What the service needs at run time (no tests, no caches, no build outputs).
-PAYLOAD=(vLLMDeploy.py agent engine kernels projects configs scripts systemd README.md docs
-         requirements.txt requirements-dev.txt pyproject.toml)
+PAYLOAD=(vLLMDeploy.py agent engine deploy_kernels projects configs scripts systemd README.md docs
+         requirements.txt requirements-dev.txt requirements-lock.txt pyproject.toml)
 
 say() { echo "install: $*" >&2; }
 die() { say "error: $*"; exit 1; }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
+from deploy_kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
 
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -127,7 +127,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def check_varlen(case: Case, device: str, **kw) -> None:
-    from kernels.paged_attention import paged_attention
+    from deploy_kernels.paged_attention import paged_attention
 
     inp = make_inputs(case, device)
     got = paged_attention(
@@ -140,7 +140,7 @@ def check_varlen(case: Case, device: str, **kw) -> None:
 
 
 def check_decode(case: Case, device: str, **kw) -> None:
-    from kernels.paged_attention_decode import paged_attention_decode
+    from deploy_kernels.paged_attention_decode import paged_attention_decode
 
     assert set(case.query_lens) == {1}
     inp = make_inputs(case, device)
@@ -154,7 +154,7 @@ def check_decode(case: Case, device: str, **kw) -> None:
 
 def check_write_kv(cache: str, dtype: torch.dtype, device: str, tokens: int = 40) -> None:
     """The Triton write against the reference write: bit-identical caches."""
-    from kernels.write_kv import write_kv
+    from deploy_kernels.write_kv import write_kv
 
     gen = torch.Generator().manual_seed(1)
     num_blocks, bs, hkv, d = 7, 16, 2, 64

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels.fp8 import fp8_bits_to_fp16, fp8_kind, fp32_to_fp8_bits, read_factor  # noqa: E402
+from deploy_kernels.fp8 import fp8_bits_to_fp16, fp8_kind, fp32_to_fp8_bits, read_factor  # noqa: E402
 from tests.paged_attention_cases import (  # noqa: E402
     FP8,
     Case,

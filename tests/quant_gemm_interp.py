@@ -18,7 +18,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.int_gemm_launch import DECODE_CONFIGS, PREFILL_CONFIGS  # noqa: E402
+from deploy_kernels.int_gemm_launch import DECODE_CONFIGS, PREFILL_CONFIGS  # noqa: E402
 from tests.test_quant_gemm import check_int, check_lut  # noqa: E402
 
 F32, F16 = torch.float32, torch.float16

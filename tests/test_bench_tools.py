@@ -1,6 +1,6 @@
 """The benchmarks' own machinery, on the CPU: bench/random_quantized.py (the random AWQ/GPTQ
 twin of a checkpoint that bench/engine.py runs on real layer shapes must load in our engine,
-on tiny test models too) and bench/kernels.py's cycling through copies of a case's inputs
+on tiny test models too) and bench/kernel_bench.py's cycling through copies of a case's inputs
 (so that CUDA-graph timings read weights from memory, not from L2)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.kernels import Case, copies_beyond_cache, cycling
+from bench.kernel_bench import Case, copies_beyond_cache, cycling
 from bench.random_quantized import group_size, random_quantized_checkpoint
 from engine import create_engine
 from engine.api import EngineConfig, SamplingParams
@@ -68,11 +68,11 @@ def test_cycling_runs_each_copy_in_turn() -> None:
 
 
 def test_every_kernel_case_runs_in_the_triton_interpreter() -> None:
-    """bench/kernels.py's cases, built as the GPU run builds them, on a small shape: a broken
+    """bench/kernel_bench.py's cases, built as the GPU run builds them, on a small shape: a broken
     case here would cost a GPU session its device time."""
     code = """
 import torch
-from bench.kernels import cases_beyond_cache
+from bench.kernel_bench import cases_beyond_cache
 cases = cases_beyond_cache(1, 256, 128, torch.device("cpu"), 1 << 16)
 for case in cases:
     for _ in range(3):  # each copy once

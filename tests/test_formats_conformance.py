@@ -41,7 +41,7 @@ from engine.quantization.gptq import GPTQConfig
 from engine.quantization.int8 import Int8Config
 from engine.quantization.packing import pack_awq, pack_gptq_cols, pack_gptq_rows, pack_squeezellm
 from engine.quantization.squeezellm import SqueezeLLMConfig
-from kernels.paged_attention_ref import dequantize, write_kv_ref
+from deploy_kernels.paged_attention_ref import dequantize, write_kv_ref
 from tests.checkpoints import as_state_dict
 from tests.quant_fixtures import QuantSpec, build_quant_checkpoint
 

@@ -48,9 +48,9 @@ def _compile(fn, pointers: dict[str, str], constexprs: dict, capability: int, nu
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("cache", ["bf16", "fp8_e4m3"])
 def test_kernels_compile(capability: int, cache: str) -> None:
-    from kernels.paged_attention import _varlen_kernel
-    from kernels.paged_attention_decode import _combine_kernel, _decode_kernel
-    from kernels.write_kv import _write_kv_kernel
+    from deploy_kernels.paged_attention import _varlen_kernel
+    from deploy_kernels.paged_attention_decode import _combine_kernel, _decode_kernel
+    from deploy_kernels.write_kv import _write_kv_kernel
 
     fp8 = 1 if cache == "fp8_e4m3" else 0
     c = "*u8" if fp8 else "*bf16"
@@ -69,11 +69,11 @@ def test_kernels_compile(capability: int, cache: str) -> None:
 
 
 def test_host_integer_helpers_match_tritons() -> None:
-    """kernels.host_ints replaces triton.cdiv / next_power_of_2 on the Python side of launches
+    """deploy_kernels.host_ints replaces triton.cdiv / next_power_of_2 on the Python side of launches
     (each Triton call there costs microseconds): the same results."""
     import triton
 
-    from kernels.host_ints import cdiv, next_power_of_2
+    from deploy_kernels.host_ints import cdiv, next_power_of_2
 
     for a in range(0, 600):
         assert next_power_of_2(a) == triton.next_power_of_2(a), a

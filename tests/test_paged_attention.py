@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.paged_attention_ref import paged_attention_ref, quantize_fp8, write_kv_ref
+from deploy_kernels.paged_attention_ref import paged_attention_ref, quantize_fp8, write_kv_ref
 from tests.paged_attention_cases import (
     Case,
     check_decode,

@@ -35,7 +35,7 @@ from engine.quantization.packing import (
     unpack_squeezellm,
 )
 from engine.quantization.squeezellm import SqueezeLLMConfig
-from kernels import log_once
+from deploy_kernels import log_once
 from tests.quant_fixtures import CONFIG_FILES, QuantCheckpoints, QuantSpec
 from tests.test_model_parity import _Batch, _step
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.int_gemm_ref import int_gemm_ref, pack_along_k
-from kernels.lut_gemm_ref import lut_gemm_ref
+from deploy_kernels.int_gemm_ref import int_gemm_ref, pack_along_k
+from deploy_kernels.lut_gemm_ref import lut_gemm_ref
 
 torch.set_num_threads(1)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -49,7 +49,7 @@ def int_inputs(m: int, k: int, n: int, bits: int, group: int, dtype: torch.dtype
 
 def check_int(m: int, k: int, n: int, bits: int, group: int, dtype: torch.dtype = torch.float32,
               bias: bool = False, device: str = "cpu", seed: int = 0, **launch) -> float:
-    from kernels.int_gemm import int_gemm
+    from deploy_kernels.int_gemm import int_gemm
 
     x, qw, s, z, b = int_inputs(m, k, n, bits, group, dtype, bias, device, seed)
     out = int_gemm(x, qw, s, z, bits, group, b, **launch)
@@ -60,7 +60,7 @@ def check_int(m: int, k: int, n: int, bits: int, group: int, dtype: torch.dtype 
 
 def check_lut(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, bias: bool = False,
               device: str = "cpu", seed: int = 0, **launch) -> float:
-    from kernels.lut_gemm import lut_gemm
+    from deploy_kernels.lut_gemm import lut_gemm
 
     g = torch.Generator().manual_seed(seed)
     qw = pack_along_k(torch.randint(0, 16, (k, n), generator=g), 4).to(device)
@@ -95,7 +95,7 @@ def test_triton_kernels_in_interpreter(run_in_triton_interpreter) -> None:
     ({"x_3d": True}, "x must be a 2-D"),
 ])
 def test_int_gemm_rejects_bad_input(change: dict, message: str) -> None:
-    from kernels.int_gemm import int_gemm
+    from deploy_kernels.int_gemm import int_gemm
 
     x, qw, s, z, _ = int_inputs(2, 64, 24, 4, 32, torch.float32, False, "cpu", seed=1)
     qw = qw[: change.get("qweight_rows", qw.shape[0])]
@@ -109,7 +109,7 @@ def test_int_gemm_rejects_bad_input(change: dict, message: str) -> None:
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_lut_gemm_rejects_bad_input() -> None:
-    from kernels.lut_gemm import lut_gemm
+    from deploy_kernels.lut_gemm import lut_gemm
 
     x, qw = torch.randn(2, 64), torch.zeros(8, 24, dtype=torch.int32)
     with pytest.raises(ValueError, match="lut must be"):
@@ -202,8 +202,8 @@ def test_kernels_compile(case: tuple) -> None:
 
 
 def _packed_kernel(name: str):
-    from kernels.int_gemm import _int_gemm_kernel
-    from kernels.lut_gemm import _lut_gemm_kernel
+    from deploy_kernels.int_gemm import _int_gemm_kernel
+    from deploy_kernels.lut_gemm import _lut_gemm_kernel
 
     return _int_gemm_kernel if name == "int" else _lut_gemm_kernel
 
@@ -261,7 +261,7 @@ def _registers_and_spills(fn, constexprs: dict, act: str, num_warps: int,
 @compiled_without_a_gpu
 @pytest.mark.parametrize("case", OCCUPANCY_CASES, ids=str)
 def test_decode_table_keeps_configs_that_fit_in_64_registers(case: tuple) -> None:
-    from kernels.int_gemm_launch import DECODE_CONFIGS, prune_configs
+    from deploy_kernels.int_gemm_launch import DECODE_CONFIGS, prune_configs
 
     name, constexprs, block_m = case
     fn = _packed_kernel(name)
@@ -288,7 +288,7 @@ PREFILL_SPILL_CASES = [  # kernel, constexprs, activation
 def test_no_prefill_tile_spills(case: tuple) -> None:
     """A prefill tile whose accumulators do not fit spills them to local memory at every K
     step (64 x 128 with 4 warps: 1 KB a thread; 128 x 256: 6 KB)."""
-    from kernels.int_gemm_launch import PREFILL_CONFIGS
+    from deploy_kernels.int_gemm_launch import PREFILL_CONFIGS
 
     name, constexprs, act = case
     fn = _packed_kernel(name)

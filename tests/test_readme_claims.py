@@ -28,12 +28,12 @@ import pytest
 import yaml
 
 from agent.settings import Settings, SettingsError, parse_settings
+from tests.setup_script import SETUP, fake_tool, source_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 UNIT = ROOT / "systemd" / "vllm-deploy.service"
 ENV_EXAMPLE = ROOT / "systemd" / "vllm-deploy.env.example"
-SETUP = ROOT / "scripts" / "setup.sh"
 
 
 @pytest.fixture(autouse=True)
@@ -471,20 +471,6 @@ def test_compressed_tensors_on_its_own_format_is_served(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- scripts/setup.sh
 
 
-def fake_tool(folder: Path, name: str, body: str) -> None:
-    """An executable ``folder/name`` running the shell ``body``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
-    (folder / name).chmod(0o755)
-
-
-def source_setup(script: str, path: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """``script`` run by bash after sourcing scripts/setup.sh, with ``path`` first on PATH."""
-    env = {**os.environ, "PATH": f"{path}:{os.environ['PATH']}", "PYTHON": sys.executable}
-    return subprocess.run(["bash", "-c", f"source {shlex.quote(str(SETUP))}\n{script}"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_setup_installs_a_missing_package_with_apt_get_as_root(tmp_path: Path) -> None:
     """README: "installs `python3-venv` and `mosquitto` with apt-get where they are missing
     (as root, or with password-less sudo; ...)"."""
@@ -505,48 +491,6 @@ def test_setup_without_root_or_sudo_prints_the_command(tmp_path: Path) -> None:
     result = source_setup("apt_install mosquitto", tmp_path / "bin")
     assert result.returncode != 0 and not calls.exists()
     assert "run: sudo apt-get install -y mosquitto" in result.stderr
-
-
-def fake_venv(folder: Path, calls: Path) -> Path:
-    """A .venv whose python records its arguments (one call a line) and succeeds."""
-    fake_tool(folder / "bin", "python", f'echo "$*" >> {calls}')
-    return folder
-
-
-def ensure_venv_in(repo: Path, venv: Path) -> subprocess.CompletedProcess[str]:
-    script = f"ROOT={shlex.quote(str(repo))}; VENV={shlex.quote(str(venv))}; " \
-             'STAMP="$VENV/.requirements-stamp"; ensure_venv'
-    return source_setup(script, repo)
-
-
-def pip_calls(calls: Path) -> list[str]:
-    lines = calls.read_text().splitlines() if calls.exists() else []
-    return [line for line in lines if line.startswith("-m pip")]
-
-
-def test_setup_installs_torch_first_and_then_only_when_the_requirements_change(
-        tmp_path: Path) -> None:
-    """README: "creates `.venv` and installs `torch==2.13.0` first, then
-    `requirements-dev.txt` (... AutoAWQ's packing code, the latter with `--no-deps`). A stamp
-    file holds a hash of the requirements, so the next run skips this step and starts at
-    once; editing a requirements file refreshes `.venv`." """
-    repo, calls = tmp_path / "repo", tmp_path / "calls"
-    repo.mkdir()
-    for name in ("requirements.txt", "requirements-dev.txt"):
-        (repo / name).write_text((ROOT / name).read_text())
-    venv = fake_venv(tmp_path / "venv", calls)
-    assert ensure_venv_in(repo, venv).returncode == 0
-    first = pip_calls(calls)
-    assert first[0] == "-m pip install -q torch==2.13.0"
-    assert first[1] == f"-m pip install -q -r {repo}/requirements-dev.txt"
-    assert re.fullmatch(r"-m pip install -q --no-deps autoawq==\S+", first[2]) and len(first) == 3
-    assert (venv / ".requirements-stamp").is_file()
-    assert ensure_venv_in(repo, venv).returncode == 0
-    assert pip_calls(calls) == first  # the second run: nothing installed
-    with (repo / "requirements.txt").open("a") as f:
-        f.write("extra-package>=1\n")
-    assert ensure_venv_in(repo, venv).returncode == 0
-    assert pip_calls(calls) == first * 2
 
 
 def test_requirements_dev_includes_the_runtime_and_the_test_oracles() -> None:
@@ -878,13 +822,10 @@ def test_the_layout_names_files_that_exist() -> None:
 
 
 def test_protocol_md_travels_with_the_code() -> None:
-    """README: "[docs/PROTOCOL.md](docs/PROTOCOL.md), called PROTOCOL.md below": the copy is
-    there, install.sh copies it, and it says what the shared spec says (where that is
-    beside the checkout, as in development)."""
+    """README: "[docs/PROTOCOL.md](docs/PROTOCOL.md), called PROTOCOL.md below": the
+    project's own copy is there and install.sh copies it. (The shared page it started from
+    now says the project keeps the current version, so the two may differ.)"""
     assert "[docs/PROTOCOL.md](docs/PROTOCOL.md), called PROTOCOL.md below" in README
     copy = (ROOT / "docs" / "PROTOCOL.md").read_text()
     assert "## A. Chat" in copy and "## Guarantees" in copy
     assert re.search(r"PAYLOAD=\([^)]*\bdocs\b", (ROOT / "systemd" / "install.sh").read_text())
-    shared = ROOT.parent / "shared" / "PROTOCOL.md"
-    if shared.is_file():
-        assert copy.endswith(shared.read_text())

@@ -11,10 +11,10 @@ import logging
 import pytest
 import torch
 
-from kernels.fp8_gemm import fp8_linear
-from kernels.fp8_gemm_ref import fp8_linear_ref, fp8_weight_only_ref
-from kernels.int8_gemm import int8_linear
-from kernels.int8_gemm_ref import int8_linear_ref
+from deploy_kernels.fp8_gemm import fp8_linear
+from deploy_kernels.fp8_gemm_ref import fp8_linear_ref, fp8_weight_only_ref
+from deploy_kernels.int8_gemm import int8_linear
+from deploy_kernels.int8_gemm_ref import int8_linear_ref
 
 torch.set_num_threads(1)
 
@@ -302,8 +302,8 @@ def test_int8_linear_gpu(shape, dtype: torch.dtype, static: str) -> None:
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_act_quant_bit_exact_gpu(dtype: torch.dtype) -> None:
-    from kernels.act_quant import quantize_fp8_per_token, quantize_int8_per_token
-    from kernels.act_quant_ref import quantize_fp8_per_token_ref, quantize_int8_per_token_ref
+    from deploy_kernels.act_quant import quantize_fp8_per_token, quantize_int8_per_token
+    from deploy_kernels.act_quant_ref import quantize_fp8_per_token_ref, quantize_int8_per_token_ref
 
     x = make_x(300, 5120, seed=61, dtype=dtype, device="cuda")
     x[3] = 0.0  # the guard
@@ -311,8 +311,8 @@ def test_act_quant_bit_exact_gpu(dtype: torch.dtype) -> None:
         (q, s), (q_ref, s_ref) = fast(x), ref(x)
         assert torch.equal(s, s_ref)
         assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8))
-    from kernels.act_quant import quantize_fp8_per_tensor, quantize_int8_static
-    from kernels.act_quant_ref import quantize_fp8_per_tensor_ref, quantize_int8_static_ref
+    from deploy_kernels.act_quant import quantize_fp8_per_tensor, quantize_int8_static
+    from deploy_kernels.act_quant_ref import quantize_fp8_per_tensor_ref, quantize_int8_static_ref
 
     scale = (x.float().abs().amax() / 448 / 4).reshape(1)  # some values saturate
     q, q_ref = quantize_fp8_per_tensor(x, scale)[0], quantize_fp8_per_tensor_ref(x, scale)[0]

@@ -17,22 +17,22 @@ assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kernels.act_quant import (  # noqa: E402
+from deploy_kernels.act_quant import (  # noqa: E402
     quantize_fp8_per_tensor,
     quantize_fp8_per_token,
     quantize_int8_per_token,
     quantize_int8_static,
 )
-from kernels.act_quant_ref import (  # noqa: E402
+from deploy_kernels.act_quant_ref import (  # noqa: E402
     quantize_fp8_per_tensor_ref,
     quantize_fp8_per_token_ref,
     quantize_int8_per_token_ref,
     quantize_int8_static_ref,
 )
-from kernels.fp8_gemm import fp8_weight_only_gemm  # noqa: E402
-from kernels.fp8_gemm_ref import fp8_linear_ref, fp8_weight_only_ref  # noqa: E402
-from kernels.int8_gemm import w8a8_gemm  # noqa: E402
-from kernels.int8_gemm_ref import int8_linear_ref  # noqa: E402
+from deploy_kernels.fp8_gemm import fp8_weight_only_gemm  # noqa: E402
+from deploy_kernels.fp8_gemm_ref import fp8_linear_ref, fp8_weight_only_ref  # noqa: E402
+from deploy_kernels.int8_gemm import w8a8_gemm  # noqa: E402
+from deploy_kernels.int8_gemm_ref import int8_linear_ref  # noqa: E402
 from tests.test_w8a8_gemm import (  # noqa: E402
     SHAPES,
     make_bias,

@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
+from deploy_kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ def _attend_triton(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    from kernels.paged_attention import paged_attention
-    from kernels.paged_attention_decode import paged_attention_decode
-    from kernels.write_kv import write_kv
+    from deploy_kernels.paged_attention import paged_attention
+    from deploy_kernels.paged_attention_decode import paged_attention_decode
+    from deploy_kernels.write_kv import write_kv
 
     write_kv(k, v, cache_.k, cache_.v, meta.slot_mapping, cache_.k_scale, cache_.v_scale)
     if meta.decode_only:

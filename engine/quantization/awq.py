@@ -2,7 +2,7 @@
 
 The checkpoint packs 4-bit values along N in AWQ's interleaved nibble order
 (``engine.quantization.packing``); the runtime wants them along K, GPTQ-style, with float
-zero points (``kernels.int_gemm_ref``). ``W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]``.
+zero points (``deploy_kernels.int_gemm_ref``). ``W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n]``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engine.quantization.int_linear import (
     read_group_size,
 )
 from engine.quantization.packing import unpack_awq
-from kernels.int_gemm_ref import pack_along_k
+from deploy_kernels.int_gemm_ref import pack_along_k
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

@@ -27,7 +27,7 @@ from engine.quantization.base import (
     TensorSet,
 )
 from engine.quantization.compressed_tensors import FLOAT_DTYPES, set_buffer, take_bias
-from kernels.log_once import log_fallback_once, log_once
+from deploy_kernels.log_once import log_fallback_once, log_once
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from engine.quantization.base import QuantFormatError, TensorSet
-from kernels.log_once import log_fallback_once
+from deploy_kernels.log_once import log_fallback_once
 
 LINEAR_CLASS_TARGETS = ("Linear",)  # class-name targets that select every linear layer
 _FORMATS = {"float": ("float-quantized", "naive-quantized"), "int": ("int-quantized", "naive-quantized")}

@@ -3,7 +3,7 @@
 
 Runtime tensors of a layer: ``weight`` e4m3 ``[N, K]``, ``weight_scale`` float32 ``(1,)`` or
 ``(N, 1)``, ``input_scale`` float32 ``(1,)`` (static activations) or None (dynamic per
-token), ``bias``; ``W = weight.float() * weight_scale``; ``kernels.fp8_gemm.fp8_linear``
+token), ``bias``; ``W = weight.float() * weight_scale``; ``deploy_kernels.fp8_gemm.fp8_linear``
 multiplies.
 
 Block-quantized checkpoints (AutoFP8/DeepSeek ``weight_block_size [bn, bk]`` with
@@ -156,7 +156,7 @@ class FP8LinearMethod(QuantLinearMethod):
         set_buffer(layer, "input_scale", input_scale)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from kernels.fp8_gemm import fp8_linear
+        from deploy_kernels.fp8_gemm import fp8_linear
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -164,7 +164,7 @@ class FP8LinearMethod(QuantLinearMethod):
             if x.device.type == "cuda":
                 y = fp8_linear(x2, layer.weight, layer.weight_scale, None, layer.bias, force_weight_only=True)
             else:
-                from kernels.fp8_gemm_ref import fp8_weight_only_ref
+                from deploy_kernels.fp8_gemm_ref import fp8_weight_only_ref
 
                 y = fp8_weight_only_ref(x2, layer.weight, layer.weight_scale, layer.bias)
         else:

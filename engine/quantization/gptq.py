@@ -29,8 +29,8 @@ from engine.quantization.int_linear import (
     read_group_size,
 )
 from engine.quantization.packing import GPTQ_BITS, unpack_gptq_cols, unpack_gptq_rows
-from kernels.int_gemm_ref import pack_along_k
-from kernels.log_once import log_fallback_once
+from deploy_kernels.int_gemm_ref import pack_along_k
+from deploy_kernels.log_once import log_fallback_once
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

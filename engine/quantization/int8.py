@@ -4,7 +4,7 @@ models quantized while loading.
 Runtime tensors of a layer: ``weight`` int8 ``[N, K]``, ``weight_scale`` float32 ``(N, 1)``
 or ``(1,)``, ``input_scale`` ``(1,)`` + optional ``input_zero_point`` int32 ``(1,)``
 (static activations) or None (dynamic per token), ``bias``; ``W = weight * weight_scale``;
-``kernels.int8_gemm.int8_linear`` multiplies.
+``deploy_kernels.int8_gemm.int8_linear`` multiplies.
 
 Reading takes the stored scale as it is (compressed-tensors writes ``amax / 127.5``, its
 ``calculate_qparams`` dividing by half the range -128..127, and saturates at 127). Our own
@@ -123,7 +123,7 @@ class Int8LinearMethod(QuantLinearMethod):
         set_buffer(layer, "input_zero_point", zero_point)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from kernels.int8_gemm import int8_linear
+        from deploy_kernels.int8_gemm import int8_linear
 
         shape = x.shape
         y = int8_linear(

@@ -1,5 +1,5 @@
 """What AWQ, GPTQ and SqueezeLLM share: reading their config keys, the optional bias, and
-the runtime multiply on the packed layout of ``kernels.int_gemm_ref`` / ``kernels.lut_gemm_ref``.
+the runtime multiply on the packed layout of ``deploy_kernels.int_gemm_ref`` / ``deploy_kernels.lut_gemm_ref``.
 
 Runtime buffers of a layer (registered on it, so ``.to()`` and ``state_dict`` see them):
 ``qweight`` int32 packed along K, then ``scales`` + ``zeros`` (integer GEMM) or ``lut``
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
-from kernels.int_gemm_ref import dequantize_int, int_gemm_ref
-from kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
+from deploy_kernels.int_gemm_ref import dequantize_int, int_gemm_ref
+from deploy_kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
@@ -181,7 +181,7 @@ class PackedLinearMethod(QuantLinearMethod):
 
 def _int_gemm(x: torch.Tensor):
     if x.is_cuda:
-        from kernels.int_gemm import int_gemm  # Triton: only where there is a GPU
+        from deploy_kernels.int_gemm import int_gemm  # Triton: only where there is a GPU
 
         return int_gemm
     return int_gemm_ref
@@ -189,7 +189,7 @@ def _int_gemm(x: torch.Tensor):
 
 def _lut_gemm(x: torch.Tensor):
     if x.is_cuda:
-        from kernels.lut_gemm import lut_gemm
+        from deploy_kernels.lut_gemm import lut_gemm
 
         return lut_gemm
     return lut_gemm_ref

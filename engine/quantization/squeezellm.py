@@ -2,7 +2,7 @@
 
 ``qweight`` packs the indices along K exactly as GPTQ does (SqueezeLLM's ``quant.py`` uses
 the same packing code, 3-bit included); ``lookup_table [N, 2^bits]``. The runtime layout
-(``kernels.lut_gemm_ref``) is 4-bit indices along K and a 16-entry table per channel.
+(``deploy_kernels.lut_gemm_ref``) is 4-bit indices along K and a 16-entry table per channel.
 ``W[k, n] = LUT[n, q[k, n]]``. Dense-and-sparse checkpoints (``rows/cols/vals``) are not read.
 """
 
@@ -21,7 +21,7 @@ from engine.quantization.int_linear import (
     read_bits,
 )
 from engine.quantization.packing import SQUEEZELLM_BITS, unpack_squeezellm
-from kernels.int_gemm_ref import pack_along_k
+from deploy_kernels.int_gemm_ref import pack_along_k
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

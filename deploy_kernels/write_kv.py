@@ -1,6 +1,6 @@
 """Triton reshape-and-cache: store this step's K/V into the paged caches (fp8: quantize on write).
 
-Same function as :func:`kernels.paged_attention_ref.write_kv_ref`: ``k, v [T, Hkv, D]`` go to
+Same function as :func:`deploy_kernels.paged_attention_ref.write_kv_ref`: ``k, v [T, Hkv, D]`` go to
 flat slots ``slot_mapping [T]`` (``block * block_size + offset``; negative = skip) of
 ``k_cache, v_cache [num_blocks, block_size, Hkv, D]``. One program per token writes all heads.
 """
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import as_kernel_arg, fp8_kind, fp32_to_fp8_bits
-from kernels.host_ints import next_power_of_2
+from deploy_kernels.fp8 import as_kernel_arg, fp8_kind, fp32_to_fp8_bits
+from deploy_kernels.host_ints import next_power_of_2
 
 
 @triton.jit

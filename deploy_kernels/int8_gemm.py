@@ -2,7 +2,7 @@
 
 Dispatch:
 
-- CPU tensors: :func:`kernels.int8_gemm_ref.int8_linear_ref`.
+- CPU tensors: :func:`deploy_kernels.int8_gemm_ref.int8_linear_ref`.
 - CUDA: activations quantized in one pass (the per-token Triton kernel, or the static
   per-tensor scale and zero point with torch ops), then the Triton W8A8 GEMM
   (:func:`w8a8_gemm` below): ``tl.dot`` on int8 with an int32 accumulator, the
@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_quant import quantize_int8_per_token, quantize_int8_static
-from kernels.host_ints import cdiv
-from kernels.int8_gemm_ref import int8_linear_ref
-from kernels.log_once import log_once
-from kernels.w8a8_args import check_w8a8_args
+from deploy_kernels.act_quant import quantize_int8_per_token, quantize_int8_static
+from deploy_kernels.host_ints import cdiv
+from deploy_kernels.int8_gemm_ref import int8_linear_ref
+from deploy_kernels.log_once import log_once
+from deploy_kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)
 

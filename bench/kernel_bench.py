@@ -1,7 +1,7 @@
 """Quantized GEMM kernels against torch fp16 matmul and the memory-bandwidth bound, one run.
 
-    python bench/kernels.py                      # CUDA: 7B/13B/32B layer shapes, M = 1, 16, 64, 256
-    python bench/kernels.py --shapes 4096x4096 --ms 1,16 --out /tmp/bench
+    python bench/kernel_bench.py                      # CUDA: 7B/13B/32B layer shapes, M = 1, 16, 64, 256
+    python bench/kernel_bench.py --shapes 4096x4096 --ms 1,16 --out /tmp/bench
 
 First the two ceilings of this GPU are measured: memory bandwidth (a large device-to-device
 copy, bytes read + written) and bf16 compute (an 8192^3 matmul). Then, for each layer shape
@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.host_ints import cdiv  # noqa: E402
-from kernels.int_gemm_ref import pack_along_k  # noqa: E402
+from deploy_kernels.host_ints import cdiv  # noqa: E402
+from deploy_kernels.int_gemm_ref import pack_along_k  # noqa: E402
 
 SHAPES = ("4096x4096", "4096x11008", "11008x4096", "5120x13824", "5120x27648")
 GROUP = 128
@@ -88,10 +88,10 @@ def ceilings(device: torch.device) -> tuple[float, float]:
 
 def cases(m: int, k: int, n: int, device: torch.device) -> list[Case]:
     """Every method on one shape, with its inputs made once."""
-    from kernels.fp8_gemm import fp8_linear
-    from kernels.int8_gemm import int8_linear
-    from kernels.int_gemm import int_gemm
-    from kernels.lut_gemm import lut_gemm
+    from deploy_kernels.fp8_gemm import fp8_linear
+    from deploy_kernels.int8_gemm import int8_linear
+    from deploy_kernels.int_gemm import int_gemm
+    from deploy_kernels.lut_gemm import lut_gemm
 
     half = torch.float16
     x = torch.randn(m, k, device=device, dtype=half)
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--out", help="folder for kernels.md (the table)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py times GPU kernels: it needs a CUDA GPU")
+        sys.exit("bench/kernel_bench.py times GPU kernels: it needs a CUDA GPU")
     from triton.testing import do_bench, do_bench_cudagraph
 
     device = torch.device("cuda")

@@ -3,8 +3,8 @@ or with a static per-tensor scale (and int8 zero point).
 
 Each program reads one row once (the whole row sits in registers: ``BLOCK_K >= K``),
 takes its absmax, and writes the quantized row and its float32 scale. The math matches
-:mod:`kernels.act_quant_ref` bit for bit: fp32 absmax, IEEE division (``div_rn``), rounding
-to nearest even (fp8 through :func:`kernels.fp8.fp32_to_fp8_bits`, int8 with the fp32
+:mod:`deploy_kernels.act_quant_ref` bit for bit: fp32 absmax, IEEE division (``div_rn``), rounding
+to nearest even (fp8 through :func:`deploy_kernels.fp8.fp32_to_fp8_bits`, int8 with the fp32
 magic-number trick), saturation. fp8 is written as its ``uint8`` bits (runs on any GPU and in the
 interpreter), or on sm89+ GPUs through the hardware conversion (cheaper, same rounding).
 """
@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_quant_ref import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_fp8_per_tensor_ref
-from kernels.fp8 import E4M3, fp32_to_fp8_bits
-from kernels.host_ints import next_power_of_2
+from deploy_kernels.act_quant_ref import FP8_MAX, INT8_MAX, SCALE_FLOOR, quantize_fp8_per_tensor_ref
+from deploy_kernels.fp8 import E4M3, fp32_to_fp8_bits
+from deploy_kernels.host_ints import next_power_of_2
 
 _E4M3 = tl.constexpr(E4M3)  # compiled kernels see only constexpr globals
 

@@ -1,4 +1,4 @@
-"""Launch machinery shared by the packed GEMMs (``kernels.int_gemm``, ``kernels.lut_gemm``).
+"""Launch machinery shared by the packed GEMMs (``deploy_kernels.int_gemm``, ``deploy_kernels.lut_gemm``).
 
 Both kernels take the grid (M tiles, N tiles, K splits) and the argument order
 ``kernel(out, x, *weights, bias, ws, cnt, M, N, K, KP, stride_xm, M_BUCKET, ...)``; ``tile_and_split`` gives a
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host_ints import cdiv, next_power_of_2
-from kernels.packed_gemm_checks import check_bias
+from deploy_kernels.host_ints import cdiv, next_power_of_2
+from deploy_kernels.packed_gemm_checks import check_bias
 
 DECODE_MAX_M = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("kernels.fallback")
+log = logging.getLogger("deploy_kernels.fallback")
 
 _LOGGED: set[str] = set()
 

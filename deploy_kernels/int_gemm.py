@@ -1,6 +1,6 @@
 """Triton group-quantized integer GEMM (AWQ and GPTQ after repacking): ``y = x W (+ bias)``.
 
-Layout and formula: ``kernels.int_gemm_ref`` (the reference these kernels are tested against).
+Layout and formula: ``deploy_kernels.int_gemm_ref`` (the reference these kernels are tested against).
 
 One kernel, two autotuned launch variants chosen by M:
 
@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host_ints import cdiv
-from kernels.int_gemm_launch import finish_tile, launch, tile_and_split
-from kernels.int_gemm_ref import SUPPORTED_BITS
-from kernels.packed_gemm_checks import check_activations, check_packed, check_param
+from deploy_kernels.host_ints import cdiv
+from deploy_kernels.int_gemm_launch import finish_tile, launch, tile_and_split
+from deploy_kernels.int_gemm_ref import SUPPORTED_BITS
+from deploy_kernels.packed_gemm_checks import check_activations, check_packed, check_param
 
 # -- kernel -----------------------------------------------------------------------------------
 
@@ -123,11 +123,11 @@ def int_gemm(
     config: dict | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N] (+ bias)`` in ``x.dtype``, W from ``qweight [ceil(K / pack), N]``,
-    ``scales`` and ``zeros [ceil(K / G), N]`` as in ``kernels.int_gemm_ref``.
+    ``scales`` and ``zeros [ceil(K / G), N]`` as in ``deploy_kernels.int_gemm_ref``.
 
     ``variant`` ('decode' or 'prefill') forces a kernel variant (default: decode for
     M <= 16); ``config`` fixes the tile instead of autotuning (see
-    ``kernels.int_gemm_launch.launch``).
+    ``deploy_kernels.int_gemm_launch.launch``).
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")

@@ -4,7 +4,7 @@ Program (sequence, KV head, split): the ``GROUP`` query heads of a KV head are t
 tile, and a sequence's keys are cut into ``num_splits`` partitions that separate programs run
 (flash-decoding), merged by a second small kernel; so a batch of one still fills the GPU.
 Same function as the reference with every query length 1; shares its inner loop with the
-varlen kernel in ``kernels.paged_attention``.
+varlen kernel in ``deploy_kernels.paged_attention``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import as_kernel_arg, fp8_kind
-from kernels.host_ints import cdiv, next_power_of_2
-from kernels.paged_attention import attend_range, check_inputs, dot_precision, softmax_scales
+from deploy_kernels.fp8 import as_kernel_arg, fp8_kind
+from deploy_kernels.host_ints import cdiv, next_power_of_2
+from deploy_kernels.paged_attention import attend_range, check_inputs, dot_precision, softmax_scales
 
 
 @triton.jit

@@ -1,11 +1,11 @@
-"""Torch references of the FP8 linear (:mod:`kernels.fp8_gemm`), in float32."""
+"""Torch references of the FP8 linear (:mod:`deploy_kernels.fp8_gemm`), in float32."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.act_quant_ref import quantize_fp8_per_tensor_ref, quantize_fp8_per_token_ref
-from kernels.w8a8_args import check_w8a8_args
+from deploy_kernels.act_quant_ref import quantize_fp8_per_tensor_ref, quantize_fp8_per_token_ref
+from deploy_kernels.w8a8_args import check_w8a8_args
 
 
 def dequantize_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Torch reference of the INT8 W8A8 linear (:mod:`kernels.int8_gemm`).
+"""Torch reference of the INT8 W8A8 linear (:mod:`deploy_kernels.int8_gemm`).
 
 ``y[t, n] = (sum_k (xq[t, k] - zp) wq[n, k]) * sx[t] * sw[n] + bias[n]``: ``sx`` per token
 (dynamic, symmetric, ``zp = 0``) or one static scale with an optional zero point.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.act_quant_ref import quantize_int8_per_token_ref, quantize_int8_static_ref
-from kernels.w8a8_args import check_w8a8_args
+from deploy_kernels.act_quant_ref import quantize_int8_per_token_ref, quantize_int8_static_ref
+from deploy_kernels.w8a8_args import check_w8a8_args
 
 
 def quantize_int8_input_ref(

@@ -1,12 +1,12 @@
 """Triton paged attention for any mix of query lengths (prefill chunks over cached context,
-prefix-cache hits, decodes). Same function as :func:`kernels.paged_attention_ref.paged_attention_ref`;
-the decode-only variant (split over the keys) is ``kernels.paged_attention_decode``.
+prefix-cache hits, decodes). Same function as :func:`deploy_kernels.paged_attention_ref.paged_attention_ref`;
+the decode-only variant (split over the keys) is ``deploy_kernels.paged_attention_decode``.
 
 Both read K/V only from the paged caches ``[num_blocks, block_size, Hkv, D]`` through the block
-tables (this step's K/V are written first, by ``kernels.write_kv``), with an online softmax in
+tables (this step's K/V are written first, by ``deploy_kernels.write_kv``), with an online softmax in
 base 2. A program owns one KV head and the ``GROUP = Hq // Hkv`` query heads that share it:
 its rows are (query token, head in group) pairs, so each K/V tile is loaded once per group.
-fp8 caches come in as ``uint8`` bits (see ``kernels.fp8``); their per-tensor scales are folded
+fp8 caches come in as ``uint8`` bits (see ``deploy_kernels.fp8``); their per-tensor scales are folded
 into the softmax scale (K) and the output (V).
 """
 
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import as_kernel_arg, fp8_bits_to_fp16, fp8_kind, read_factor
-from kernels.host_ints import cdiv, next_power_of_2
+from deploy_kernels.fp8 import as_kernel_arg, fp8_bits_to_fp16, fp8_kind, read_factor
+from deploy_kernels.host_ints import cdiv, next_power_of_2
 
 _LOG2E = 1.4426950408889634  # the kernels use exp2
 

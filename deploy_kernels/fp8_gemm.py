@@ -2,14 +2,14 @@
 
 Dispatch (chosen per call from the device; logged once per kind):
 
-- CPU tensors: :func:`kernels.fp8_gemm_ref.fp8_linear_ref`.
+- CPU tensors: :func:`deploy_kernels.fp8_gemm_ref.fp8_linear_ref`.
 - CUDA, compute capability >= 8.9: activations quantized to e4m3 in one Triton pass (per
   token, or with the static per-tensor ``input_scale``), then
   - M > 16: ``torch._scaled_mm`` on the fp8 tensor cores, both scales applied by it
     (row-wise when either side is per row, tensor-wise otherwise); ``weight.t()`` is the
     column-major operand it wants, so no copy;
   - M <= 16, or K or N not a multiple of 16 (``_scaled_mm`` refuses those): the Triton W8A8
-    GEMM (:func:`kernels.int8_gemm.w8a8_gemm`, fp8 ``tl.dot``, scales and bias in its epilogue).
+    GEMM (:func:`deploy_kernels.int8_gemm.w8a8_gemm`, fp8 ``tl.dot``, scales and bias in its epilogue).
 - CUDA below 8.9 (Ampere): the weight-only Triton kernel (:func:`fp8_weight_only_gemm` below):
   e4m3 weights converted in the kernel, activations unquantized.
 
@@ -24,13 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
-from kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
-from kernels.fp8_gemm_ref import fp8_linear_ref
-from kernels.host_ints import cdiv
-from kernels.int8_gemm import grouped_tile, w8a8_gemm
-from kernels.log_once import log_fallback_once, log_once
-from kernels.w8a8_args import check_w8a8_args
+from deploy_kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
+from deploy_kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
+from deploy_kernels.fp8_gemm_ref import fp8_linear_ref
+from deploy_kernels.host_ints import cdiv
+from deploy_kernels.int8_gemm import grouped_tile, w8a8_gemm
+from deploy_kernels.log_once import log_fallback_once, log_once
+from deploy_kernels.w8a8_args import check_w8a8_args
 
 log = logging.getLogger(__name__)
 

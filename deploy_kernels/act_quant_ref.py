@@ -1,4 +1,4 @@
-"""Torch references of the activation quantizers in :mod:`kernels.act_quant`.
+"""Torch references of the activation quantizers in :mod:`deploy_kernels.act_quant`.
 
 Per-token (dynamic) scales are one float32 per row; the Triton kernels must match these
 bit for bit: the same fp32 absmax, the same fp32 division, the same rounding (nearest even)

@@ -1,8 +1,8 @@
 """Triton lookup-table GEMM (SqueezeLLM): ``y = x W (+ bias)`` with ``W[k, n] = lut[n, q[k, n]]``.
 
-Layout and formula: ``kernels.lut_gemm_ref``. Same program layout, K order and decode/prefill
-launch as ``kernels.int_gemm`` (the launcher and split-K finish of ``kernels.int_gemm_launch``,
-the input checks of ``kernels.packed_gemm_checks``); the weight of each packed field is a
+Layout and formula: ``deploy_kernels.lut_gemm_ref``. Same program layout, K order and decode/prefill
+launch as ``deploy_kernels.int_gemm`` (the launcher and split-K finish of ``deploy_kernels.int_gemm_launch``,
+the input checks of ``deploy_kernels.packed_gemm_checks``); the weight of each packed field is a
 gathered load from the column's 16-entry table, which is tiny and stays in cache. The table is
 in the activation dtype, so the gathered weights are exact in the ``tl.dot`` operands.
 """
@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.host_ints import cdiv
-from kernels.int_gemm_launch import finish_tile, launch, tile_and_split
-from kernels.packed_gemm_checks import check_activations, check_packed, check_param
+from deploy_kernels.host_ints import cdiv
+from deploy_kernels.int_gemm_launch import finish_tile, launch, tile_and_split
+from deploy_kernels.packed_gemm_checks import check_activations, check_packed, check_param
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def lut_gemm(
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N] (+ bias)`` in ``x.dtype``; ``qweight [ceil(K / 8), N]`` int32 of
     4-bit indices, ``lut [N, 16]`` in ``x.dtype``. ``variant`` and ``config`` as in
-    ``kernels.int_gemm.int_gemm``."""
+    ``deploy_kernels.int_gemm.int_gemm``."""
     _, k = check_activations(x)
     kp = cdiv(k, 8)
     n = check_packed(qweight, kp, x.device, f"ceil(K / 8) = {kp}")

@@ -1,4 +1,4 @@
-"""Input checks of the packed GEMMs (``kernels.int_gemm``, ``kernels.lut_gemm``): clear
+"""Input checks of the packed GEMMs (``deploy_kernels.int_gemm``, ``deploy_kernels.lut_gemm``): clear
 ``ValueError`` messages naming the tensor and what was expected, before any launch."""
 
 from __future__ import annotations

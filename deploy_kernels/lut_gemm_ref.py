@@ -1,7 +1,7 @@
 """Torch reference of the lookup-table GEMM (SqueezeLLM's non-uniform 3/4-bit weights).
 
 Runtime layout: ``qweight`` int32 ``[ceil(K / 8), N]``, 4-bit indices packed along K
-least significant first (as ``kernels.int_gemm_ref.pack_along_k(q, 4)``; 3-bit
+least significant first (as ``deploy_kernels.int_gemm_ref.pack_along_k(q, 4)``; 3-bit
 checkpoints are widened), ``lut [N, 16]`` (a 3-bit table fills the first 8 entries);
 ``W[k, n] = lut[n, q[k, n]]`` and ``y = x W (+ bias)``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.int_gemm_ref import unpack_along_k
+from deploy_kernels.int_gemm_ref import unpack_along_k
 
 
 def dequantize_lut(qweight: torch.Tensor, lut: torch.Tensor, k: int) -> torch.Tensor:
