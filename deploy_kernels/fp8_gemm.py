@@ -24,7 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
-from deploy_kernels.act_quant import has_fp8_tensor_cores, quantize_fp8_per_tensor, quantize_fp8_per_token
+from deploy_kernels.act_quant import (
+    has_fp8_tensor_cores,
+    quantize_fp8_per_tensor,
+    quantize_fp8_per_token,
+)
 from deploy_kernels.fp8 import E4M3, E4M3_READ_FACTOR, fp8_bits_to_fp16
 from deploy_kernels.fp8_gemm_ref import fp8_linear_ref
 from deploy_kernels.host_ints import cdiv

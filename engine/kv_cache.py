@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from engine.layers.attention import CALIBRATION_HEADROOM, Attention, LayerKVCache
 from deploy_kernels.paged_attention_ref import is_fp8
+from engine.layers.attention import CALIBRATION_HEADROOM, Attention, LayerKVCache
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import tests.quant_checkpoints as qc
+from deploy_kernels.paged_attention_ref import dequantize, write_kv_ref
 from engine.config import ModelConfig
 from engine.kv_cache import PagedKVCache
 from engine.layers.linear import Linear, make_linear
@@ -41,7 +42,6 @@ from engine.quantization.gptq import GPTQConfig
 from engine.quantization.int8 import Int8Config
 from engine.quantization.packing import pack_awq, pack_gptq_cols, pack_gptq_rows, pack_squeezellm
 from engine.quantization.squeezellm import SqueezeLLMConfig
-from deploy_kernels.paged_attention_ref import dequantize, write_kv_ref
 from tests.checkpoints import as_state_dict
 from tests.quant_fixtures import QuantSpec, build_quant_checkpoint
 

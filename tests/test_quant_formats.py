@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from deploy_kernels import log_once
 from engine.config import ModelConfig
 from engine.layers.linear import Linear
 from engine.loader import load_model
@@ -35,7 +36,6 @@ from engine.quantization.packing import (
     unpack_squeezellm,
 )
 from engine.quantization.squeezellm import SqueezeLLMConfig
-from deploy_kernels import log_once
 from tests.quant_fixtures import CONFIG_FILES, QuantCheckpoints, QuantSpec
 from tests.test_model_parity import _Batch, _step
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deploy_kernels.int_gemm_ref import pack_along_k
 from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
 from engine.quantization.int_linear import (
     FLOAT_DTYPES,
@@ -22,7 +23,6 @@ from engine.quantization.int_linear import (
     read_group_size,
 )
 from engine.quantization.packing import unpack_awq
-from deploy_kernels.int_gemm_ref import pack_along_k
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deploy_kernels.log_once import log_fallback_once, log_once
 from engine.layers.linear import Linear
 from engine.quantization.base import (
     QuantConfig,
@@ -27,7 +28,6 @@ from engine.quantization.base import (
     TensorSet,
 )
 from engine.quantization.compressed_tensors import FLOAT_DTYPES, set_buffer, take_bias
-from deploy_kernels.log_once import log_fallback_once, log_once
 
 log = logging.getLogger(__name__)
 

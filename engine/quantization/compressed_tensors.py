@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from engine.quantization.base import QuantFormatError, TensorSet
 from deploy_kernels.log_once import log_fallback_once
+from engine.quantization.base import QuantFormatError, TensorSet
 
 LINEAR_CLASS_TARGETS = ("Linear",)  # class-name targets that select every linear layer
 _FORMATS = {"float": ("float-quantized", "naive-quantized"), "int": ("int-quantized", "naive-quantized")}

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deploy_kernels.int_gemm_ref import pack_along_k
+from deploy_kernels.log_once import log_fallback_once
 from engine.quantization.base import (
     QuantFormatError,
     QuantLinearMethod,
@@ -29,8 +31,6 @@ from engine.quantization.int_linear import (
     read_group_size,
 )
 from engine.quantization.packing import GPTQ_BITS, unpack_gptq_cols, unpack_gptq_rows
-from deploy_kernels.int_gemm_ref import pack_along_k
-from deploy_kernels.log_once import log_fallback_once
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

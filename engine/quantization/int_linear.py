@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 from deploy_kernels.int_gemm_ref import dequantize_int, int_gemm_ref
 from deploy_kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
+from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

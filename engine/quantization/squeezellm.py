@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from deploy_kernels.int_gemm_ref import pack_along_k
 from engine.quantization.base import QuantFormatError, QuantLinearMethod, TensorSet
 from engine.quantization.int_linear import (
     FLOAT_DTYPES,
@@ -21,7 +22,6 @@ from engine.quantization.int_linear import (
     read_bits,
 )
 from engine.quantization.packing import SQUEEZELLM_BITS, unpack_squeezellm
-from deploy_kernels.int_gemm_ref import pack_along_k
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
