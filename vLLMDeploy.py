@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from agent.settings import Settings, SettingsError, parse_settings
+from agent.service.settings import Settings, SettingsError, parse_settings
 
 if TYPE_CHECKING:
     from projects import ProjectSpec
@@ -41,10 +41,10 @@ def setup_logging(level: str) -> None:
 
 
 def start_debug_log(settings: Settings) -> None:
-    """--debug_log FILE: prompts and replies to FILE only (agent.debug_log), never the main log."""
+    """--debug_log FILE: prompts and replies to FILE only (agent.core.debug_log), never the main log."""
     if settings.debug_log is None:
         return
-    from agent.debug_log import enable_debug_log
+    from agent.core.debug_log import enable_debug_log
 
     enable_debug_log(settings.debug_log, settings.debug_log_max_bytes)
     log.info("writing prompts and replies to %s (--debug_log)", settings.debug_log)
@@ -106,7 +106,7 @@ def load_projects(names: Sequence[str]) -> dict[str, ProjectSpec]:
 
 
 def start(settings: Settings) -> None:
-    from agent.service import ServiceNotifier
+    from agent.service.notifier import ServiceNotifier
     from engine import create_engine
     from engine.model_source import resolve_model
 
@@ -116,7 +116,7 @@ def start(settings: Settings) -> None:
     service.loading(f"loading model {settings.model}")
     check_devices(settings)  # before a download that may take an hour
     if settings.metrics_port is not None:  # ... and before loading the model
-        from agent.prometheus import require_prometheus
+        from agent.service.prometheus import require_prometheus
 
         require_prometheus()
     model_path = resolve_model(
@@ -126,12 +126,12 @@ def start(settings: Settings) -> None:
         revision=settings.model_revision,
         auto_download=settings.auto_download,
     )
-    from agent.app import Agent, served_projects
-    from agent.status import AgentInfo
+    from agent.mqtt.status import AgentInfo
+    from agent.service.app import Agent, served_projects
 
     agent_config = settings.agent_config()
     projects = load_projects(served_projects(agent_config))
-    from agent.session_store_redis import open_store
+    from agent.service.session_store import open_store
 
     store = open_store(agent_config)  # a bad URL or unreachable Redis fails before the model loads
     # each project's KV share (its YAML's kv_share) sizes its token budget from the start
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _user_message(exc: Exception) -> str | None:
     """The one-line message of an error a user can fix; None for a bug (traceback)."""
-    from agent.mqtt_client import MqttConnectError
+    from agent.mqtt.client import MqttConnectError
     from engine.api import EngineError
 
     if isinstance(exc, (UserError, EngineError, MqttConnectError, ValueError)):

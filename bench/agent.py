@@ -84,8 +84,8 @@ def serve_echo(port: int) -> None:
 def serve_agent(port: int, log_level: str, log_file: str) -> None:
     logging.basicConfig(level=log_level, filename=log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from agent.app import Agent
-    from agent.config import AgentConfig
+    from agent.service.app import Agent
+    from agent.service.config import AgentConfig
     from tests.fake_engine import InstantEngine  # answers inside submit: no engine time
     from vLLMDeploy import freeze_start_up_objects
 

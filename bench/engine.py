@@ -41,10 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.demo.tiny_checkpoint import cached_tiny_checkpoint  # noqa: E402
 from engine import create_engine  # noqa: E402
 from engine.api import EngineConfig, SamplingParams  # noqa: E402
 from engine.kv_setup import model_bytes  # noqa: E402
-from engine.tiny_checkpoint import cached_tiny_checkpoint  # noqa: E402
 
 WORDS = [
     "the",

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from agent.demo.tiny_checkpoint import build_once
 from engine.loader import checkpoint_tensor_files
 from engine.quantization.packing import pack_awq, pack_gptq_cols, pack_gptq_rows
 from engine.tensor_files import open_tensor_file, reading_checkpoint
-from engine.tiny_checkpoint import build_once
 
 GROUP_SIZES = (128, 64, 32, 16)  # the first that divides every linear layer's input size
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

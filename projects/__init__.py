@@ -4,12 +4,14 @@ A project file holds its system prompt, optional generation defaults, its
 share of the KV cache and, optionally, ``output_rules``: the name of a module
 in this package (``driving_rules``) whose ``check(text)`` and/or
 ``finalize(text)`` every reply of the project passes through (see
-``OutputRules``). ``load_project`` reads it; an unknown name gets the generic
+``OutputRules``), and ``plugin``: a module with topics of the project's own
+(``projects.plugins``). ``load_project`` reads it; an unknown name gets the generic
 assistant of ``general.yaml`` and a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import re
@@ -19,13 +21,15 @@ from pathlib import Path
 
 import yaml
 
+from projects.plugins import PluginModule, load_plugin
+
 log = logging.getLogger(__name__)
 
 PROJECTS_DIR = Path(__file__).resolve().parent
 GENERIC = "general"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _KEYS = {"name", "description", "system_prompt", "temperature", "top_p", "max_tokens", "kv_share",
-         "output_rules"}
+         "output_rules", "plugin"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ProjectSpec:
     max_tokens: int | None = None
     kv_share: float = 1.0  # relative weight of this project's KV-cache share
     output_rules: OutputRules | None = None
+    plugin: PluginModule | None = None  # topics of its own (projects.plugins)
 
 
 def validate_project_name(name: str) -> str:
@@ -105,8 +110,12 @@ def _read_spec(path: Path, name: str) -> ProjectSpec:
     rules = data.get("output_rules")
     if rules is not None and not isinstance(rules, str):
         raise ValueError(f"project file {path}: 'output_rules' must be a module name")
+    plugin = data.get("plugin")
+    if plugin is not None and not isinstance(plugin, str):
+        raise ValueError(f"project file {path}: 'plugin' must be a module name")
     try:
         output_rules = load_rules(rules) if rules else None
+        plugin_module = load_plugin(plugin) if plugin else None
     except ValueError as exc:
         raise ValueError(f"project file {path}: {exc}") from None
     return ProjectSpec(
@@ -118,6 +127,7 @@ def _read_spec(path: Path, name: str) -> ProjectSpec:
         max_tokens=data.get("max_tokens"),
         kv_share=kv_share,
         output_rules=output_rules,
+        plugin=plugin_module,
     )
 
 
@@ -146,3 +156,18 @@ def parse_projects_arg(value: str | list[str] | tuple[str, ...]) -> tuple[str, .
     if not names:
         raise ValueError("--projects is empty: name at least one project")
     return tuple(names)
+
+
+@functools.cache
+def plugin_of(name: str, directory: Path = PROJECTS_DIR) -> PluginModule | None:
+    """The plug-in that project ``name``'s file names (None: none, or no such file)."""
+    path = directory / f"{name}.yaml"
+    return _read_spec(path, name).plugin if _NAME_RE.match(name) and path.is_file() else None
+
+
+@functools.cache
+def plugin_requests(directory: Path = PROJECTS_DIR) -> frozenset[tuple[str, str]]:
+    """``(project, request topic name)`` of every project here with a plug-in: request topics
+    of any agent that serves it (what our agent must never publish on)."""
+    return frozenset((name, request) for name in available_projects(directory)
+                     if (module := plugin_of(name, directory)) for request in module.requests)

@@ -1,4 +1,4 @@
-"""Counts the agent's PUBACKs against the QoS 1 messages paho delivered to it (agent.acks).
+"""Counts the agent's PUBACKs against the QoS 1 messages paho delivered to it (agent.mqtt.acks).
 
     @pytest.fixture(autouse=True)
     def acks() -> Iterator[AckCounter]:
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.mqtt_client import MqttClient
+from agent.mqtt.client import MqttClient
 
 Delivery = tuple[int, int]  # (id of the paho client, packet id)
 

@@ -4,7 +4,7 @@ Use ``tiny_checkpoint("qwen2")`` or ``tiny_variant("llama3-rope")`` (read-only: 
 by every test and run), or ``tiny_checkpoint_copy(tmp_path, "qwen2")`` for a copy a test
 may edit.
 The cache lives in ``$VLLM_DEPLOY_CACHE/tiny-models`` or ``<repo>/.cache/tiny-models``
-and is keyed by the arguments and the source of ``engine/tiny_checkpoint.py``.
+and is keyed by the arguments and the source of ``agent/demo/tiny_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.tiny_checkpoint import ARCHITECTURES, LLAMA3_ROPE, cached_tiny_checkpoint
+from agent.demo.tiny_checkpoint import ARCHITECTURES, LLAMA3_ROPE, cached_tiny_checkpoint
 
 __all__ = [
     "ARCHITECTURES",

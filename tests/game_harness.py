@@ -7,9 +7,9 @@ import json
 from collections.abc import Callable
 from itertools import count
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.sessions import Session
+from agent.core.sessions import Session
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from engine.api import GenerationRequest
 from tests.fake_engine import FakeEngine
 from tests.maze_game import hint_of
@@ -27,8 +27,8 @@ class Game:
         self.agent = Agent(AgentConfig(**settings), engine)
         self.engine = engine
         self.replies = Replies()
-        self.agent.router._publish_raw = self.replies  # no broker: record what would go out
-        self.agent.router.start()
+        self.agent.door.outbox._publish = self.replies  # no broker: record what would go out
+        self.agent.core.start()
 
     def send(self, topic: str, payload: object) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -40,7 +40,7 @@ class Game:
         return [hint_of(p) for p in self.replies.on(topic)]
 
     def session(self, project: str, sid: str) -> Session | None:
-        return self.agent.router.store.get((project, sid))
+        return self.agent.core.sessions.store.get((project, sid))
 
 
 def system_prompt(engine: FakeEngine, index: int = -1) -> str:

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.app import Agent
-from agent.config import AgentConfig
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from projects import load_project
 from tests.ack_counter import counting_acks
 from tests.fake_engine import FakeEngine

@@ -1,4 +1,4 @@
-"""The agent's request path: acknowledgement after the reply (agent.acks), the turn started on
+"""The agent's request path: acknowledgement after the reply (agent.mqtt.acks), the turn started on
 the receiving thread when its prompt is short, the engine's answer served on the spot when
 it comes inside ``submit``, the cached system-prompt head, the tokenizer's direct encode, and
 the deadline watcher letting go of answered requests."""
@@ -16,17 +16,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.acks import NO_ACK, Ack
-from agent.config import AgentConfig
-from agent.deadlines import DeadlineWatcher
-from agent.lanes import Turn
-from agent.prompt_builder import PromptBuilder, to_messages
-from agent.router import INLINE_CHARS, Router
-from agent.sessions import Session
-from agent.topics import Topics
+from agent.core.conversation import INLINE_CHARS
+from agent.core.deadlines import DeadlineWatcher
+from agent.core.prompt_builder import PromptBuilder, to_messages
+from agent.core.sessions import Session
+from agent.core.turns import Turn
+from agent.mqtt.acks import NO_ACK, Ack
+from agent.mqtt.topics import Topics
+from agent.service.config import AgentConfig
 from engine.api import GenerationRequest
 from engine.tokenizer import Tokenizer
 from projects import ProjectSpec
+from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine, InstantEngine, MarkingTokenizer, tiny_tokenizer
 
 PROJECTS = {"general": ProjectSpec("general", "You are helpful.")}
@@ -80,12 +81,12 @@ class ThreadRecordingEngine(InstantEngine):
 
 @pytest.fixture
 def router_for() -> Iterator:
-    routers: list[Router] = []
+    routers: list[ChatRig] = []
 
-    def make(engine: FakeEngine, **overrides: object) -> tuple[Router, Events]:
+    def make(engine: FakeEngine, **overrides: object) -> tuple[ChatRig, Events]:
         config = AgentConfig(projects=("general",), **overrides)  # type: ignore[arg-type]
         events = Events()
-        router = Router(config, engine, PROJECTS, Topics(config.projects), events.publish)
+        router = ChatRig(config, engine, PROJECTS, Topics(config.projects), events.publish)
         router.start()
         routers.append(router)
         return router, events

@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.lanes import OVERLOADED
-from agent.rate_limit import RATE_LIMITED
+from agent.core.outcome import OVERLOADED
+from agent.core.rate_limit import RATE_LIMITED
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available

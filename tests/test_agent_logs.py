@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.debug_log import DEBUG_LOGGER, debug_log, disable_debug_log, enable_debug_log
-from agent.settings import parse_settings
+from agent.core.debug_log import DEBUG_LOGGER, debug_log, disable_debug_log, enable_debug_log
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
+from agent.service.settings import parse_settings
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import MOSQUITTO_PASSWD, Broker, mosquitto_available, start_broker
 from tests.old_client import OldClient

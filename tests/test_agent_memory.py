@@ -8,11 +8,11 @@ import gc
 import json
 import sys
 
-from agent.acks import Ack
-from agent.config import AgentConfig
-from agent.router import Router
-from agent.topics import Topics
+from agent.mqtt.acks import Ack
+from agent.mqtt.topics import Topics
+from agent.service.config import AgentConfig
 from projects import ProjectSpec
+from tests.chat_rig import ChatRig
 from tests.fake_engine import InstantEngine
 
 PROJECTS = {"general": ProjectSpec("general", "You are helpful.")}
@@ -34,7 +34,7 @@ def test_memory_stays_bounded_over_many_sessions() -> None:
     def publish(topic: str, payload: str, **kwargs: object) -> None:
         replies[0] += 1
 
-    router = Router(config, InstantEngine(), PROJECTS, Topics(config.projects), publish)
+    router = ChatRig(config, InstantEngine(), PROJECTS, Topics(config.projects), publish)
     router.start()
 
     def serve(first: int, count: int) -> None:

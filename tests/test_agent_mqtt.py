@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-from agent.app import Agent, MqttConnectError
-from agent.config import AgentConfig
-from agent.rate_limit import RATE_LIMITED
-from agent.router import SHUTTING_DOWN
+from agent.core.outcome import SHUTTING_DOWN
+from agent.core.rate_limit import RATE_LIMITED
+from agent.service.app import Agent, MqttConnectError
+from agent.service.config import AgentConfig
 from projects import ProjectSpec, load_project
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
 from tests.fake_engine import FakeEngine
@@ -257,7 +257,7 @@ def test_logs_keep_prompts_and_replies_out_of_info(
 def test_stop_answers_pending(make_agent: MakeAgent, client: OldClient) -> None:
     agent = make_agent(FakeEngine(delay=30))
     topic = client.request("maze", "bye", "slow question")
-    wait_for(lambda: agent.router.lanes.pending == 1)
+    wait_for(lambda: agent.core.lanes.pending == 1)
     agent.stop()
     assert client.wait(topic) == [SHUTTING_DOWN]
     assert agent.engine.shut_down  # type: ignore[attr-defined]

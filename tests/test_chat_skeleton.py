@@ -1,5 +1,5 @@
-"""Prompts filled into a rendered skeleton (agent.chat_skeleton) and their cached tail ids
-(agent.prompt_builder.HeadCache): always the text and ids of a full render."""
+"""Prompts filled into a rendered skeleton (agent.core.chat_skeleton) and their cached tail ids
+(agent.core.prompt_builder.HeadCache): always the text and ids of a full render."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import random
 import string
 
-from agent.chat_skeleton import ChatSkeletons, plain
-from agent.prompt_builder import PromptBuilder, to_messages
+from agent.core.chat_skeleton import ChatSkeletons, plain
+from agent.core.prompt_builder import PromptBuilder, to_messages
 from engine.tokenizer import Tokenizer
 from tests.fake_engine import CHAT_TEMPLATE, MarkingTokenizer, tiny_tokenizer
 

@@ -1,4 +1,4 @@
-from agent.dedupe import Deduper
+from agent.core.dedupe import Deduper
 
 
 def test_seen_once_then_expires() -> None:

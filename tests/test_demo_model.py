@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from engine import demo_model
+from agent.demo import demo_model
 from projects import available_projects
 from projects import demo_corpus as corpus
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from agent.app import Agent
-from agent.config import AgentConfig
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from engine import create_engine
 from engine.api import EngineConfig, GenerationRequest, SamplingParams
 from engine.llm_engine import LLMEngine

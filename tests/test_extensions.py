@@ -15,10 +15,10 @@ import torch
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.lanes import OVERLOADED
-from agent.rate_limit import RATE_LIMITED
+from agent.core.outcome import OVERLOADED
+from agent.core.rate_limit import RATE_LIMITED
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from engine import create_engine
 from engine.api import EngineConfig
 from projects import load_project

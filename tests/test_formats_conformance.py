@@ -641,7 +641,7 @@ def test_bnb_llm_int8_dequantizes_as_q_times_scb_over_127() -> None:
 def test_kv_cache_dtype_flag_choices() -> None:
     """FORMATS.md FP8 KV cache: "`--kv_cache_dtype auto|fp8|fp8_e4m3|fp8_e5m2`; `fp8` means
     e4m3." (the command line takes exactly these)"""
-    from agent.settings import SettingsError, parse_settings
+    from agent.service.settings import SettingsError, parse_settings
 
     for value in ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"):
         settings = parse_settings(["--kv_cache_dtype", value], environ={})

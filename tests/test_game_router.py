@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.legacy import RESET_REPLY
-from agent.rate_limit import RATE_LIMITED
+from agent.core.rate_limit import RATE_LIMITED
+from agent.mqtt.legacy import RESET_REPLY
 from tests.fake_engine import FakeEngine
 from tests.game_harness import Game, scripted, system_prompt
 from tests.maze_game import OPEN, WALLED, check_hint, make_maze, state
@@ -29,7 +29,7 @@ def game() -> Iterator[Callable[..., Game]]:
 
     yield make
     for g in games:
-        g.agent.router.stop()
+        g.agent.core.stop()
 
 
 @pytest.mark.parametrize("floor_is_one", [True, False], ids=["1=floor", "1=wall"])
@@ -195,7 +195,7 @@ def test_driving_reply_still_without_tags_gets_inferred_ones(game, caplog) -> No
     g.send("driving/user_input", {"sessionId": "d", "message": "what now?"})
     assert g.replies.wait(1)[0][1] == "Slow down, a cat! <Cont><PlayerOp:brake><AgentOP:keep>"
     assert len(g.engine.requests) == 2
-    assert g.agent.router.stats()["output_rules"]["driving"] == {"regenerated": 1, "repaired": 1}
+    assert g.agent.core.stats()["output_rules"]["driving"] == {"regenerated": 1, "repaired": 1}
     assert "repaired by driving_rules" in caplog.text and "a cat" not in caplog.text
 
 

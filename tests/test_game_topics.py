@@ -11,9 +11,9 @@ from itertools import count
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.legacy import RESET_REPLY
+from agent.mqtt.legacy import RESET_REPLY
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
 from tests.fake_engine import FakeEngine
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
@@ -115,8 +115,8 @@ def test_web_app_swaps_templates_and_deletes_sessions(make_agent, client: OldCli
     assert engine.prompts[-1].startswith("<|im_start|>system\nNew default.<|im_end|>")
     client.publish("general/delete_session", json.dumps({"sessionId": "w1"}))
     time.sleep(0.2)
-    assert agent.router.store.get(("general", "w1")) is None
-    assert agent.router.store.get(("general", "w2")) is not None
+    assert agent.core.sessions.store.get(("general", "w1")) is None
+    assert agent.core.sessions.store.get(("general", "w2")) is not None
     game = MazeGame(client, "m1")
     client.publish("maze/template/m1", json.dumps({"prompt_template": {"content": "Guide me."},
                                                    "max_breaks": 5}))
@@ -171,7 +171,7 @@ def test_no_subscription_catches_a_reply(make_agent, client: OldClient) -> None:
                   "llama/session/response", "maze/template/x/deeper"):
         client.publish(topic, json.dumps({"sessionId": "x", "message": "loop?", "template": "t"}))
     assert client.ask("maze", "alive", "x") == "echo: x"
-    assert engine.user_turns() == ["x"] and agent.router.store.get(("maze", "x")) is None
+    assert engine.user_turns() == ["x"] and agent.core.sessions.store.get(("maze", "x")) is None
 
 
 # ---- the tiny real model ----

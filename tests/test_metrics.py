@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 
 import agent
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.metrics import LATENCY_BUCKETS, RequestMetrics, log_line, percentile, summary
-from agent.prometheus import PIP_HINT, AgentCollector, require_prometheus
-from agent.router import Router
-from agent.status import (
+from agent.core.metrics import LATENCY_BUCKETS, RequestMetrics, log_line, percentile, summary
+from agent.mqtt.status import (
     OFFLINE,
     AgentInfo,
     StatusReporter,
@@ -23,8 +19,13 @@ from agent.status import (
     default_agent_id,
     service_topics,
 )
-from agent.topics import Topics, filters_overlap
+from agent.mqtt.topics import Topics, filters_overlap
+from agent.service.app import Agent
+from agent.service.checks import check_agent_config
+from agent.service.config import AgentConfig
+from agent.service.prometheus import PIP_HINT, AgentCollector, require_prometheus
 from projects import ProjectSpec
+from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine
 from tests.test_router import Replies, send
 
@@ -136,7 +137,7 @@ def test_config_checks() -> None:
     for bad in ({"stats_interval": -1}, {"metrics_port": 70000}, {"agent_id": "a/b"},
                 {"agent_id": ""}, {"status_prefix": "#"}, {"status_prefix": "/"}):
         with pytest.raises(ValueError):
-            AgentConfig(**bad)  # type: ignore[arg-type]
+            check_agent_config(AgentConfig(**bad))  # type: ignore[arg-type]
 
 
 def test_status_payload_and_one_version() -> None:
@@ -163,7 +164,7 @@ def test_router_hooks_count_every_outcome() -> None:
     config = AgentConfig(projects=("maze",), max_requests_per_session=1, max_queue=2)
     engine, replies = FakeEngine(delay=0.3), Replies()
     specs = {"maze": ProjectSpec("maze", "p")}
-    router = Router(config, engine, specs, Topics(config.projects), replies)
+    router = ChatRig(config, engine, specs, Topics(config.projects), replies)
     router.start()
     try:
         send(router, sessionId="a", message="one")

@@ -16,9 +16,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.app import Agent, MqttConnectError
-from agent.config import AgentConfig
-from agent.settings import SettingsError, parse_settings
+from agent.service.app import Agent, MqttConnectError
+from agent.service.checks import check_agent_config
+from agent.service.config import AgentConfig
+from agent.service.settings import SettingsError, parse_settings
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available, start_broker
 
@@ -169,17 +170,17 @@ def test_insecure_connects_with_a_wrong_ca_and_warns(
 def test_file_errors_name_the_flag_and_file(pki: Pki, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.pem"
     with pytest.raises(ValueError, match=f"--mqtt_ca_certs {missing}: .*cannot be read"):
-        AgentConfig(mqtt_tls=True, mqtt_ca_certs=str(missing))
+        check_agent_config(AgentConfig(mqtt_tls=True, mqtt_ca_certs=str(missing)))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     with pytest.raises(ValueError, match=f"--mqtt_ca_certs {garbage}: not a PEM"):
-        AgentConfig(mqtt_tls=True, mqtt_ca_certs=str(garbage))
+        check_agent_config(AgentConfig(mqtt_tls=True, mqtt_ca_certs=str(garbage)))
     with pytest.raises(ValueError, match="--mqtt_certfile .*--mqtt_keyfile .*not a PEM"):
-        AgentConfig(mqtt_tls=True, mqtt_certfile=str(pki.client_cert), mqtt_keyfile=str(garbage))
+        check_agent_config(AgentConfig(mqtt_tls=True, mqtt_certfile=str(pki.client_cert), mqtt_keyfile=str(garbage)))
     with pytest.raises(ValueError, match=f"--mqtt_keyfile {missing}: the private key"):
-        AgentConfig(mqtt_tls=True, mqtt_certfile=str(pki.client_cert), mqtt_keyfile=str(missing))
+        check_agent_config(AgentConfig(mqtt_tls=True, mqtt_certfile=str(pki.client_cert), mqtt_keyfile=str(missing)))
     with pytest.raises(ValueError, match="--mqtt_keyfile needs --mqtt_certfile"):
-        AgentConfig(mqtt_tls=True, mqtt_keyfile=str(pki.client_key))
+        check_agent_config(AgentConfig(mqtt_tls=True, mqtt_keyfile=str(pki.client_key)))
 
 
 @pytest.mark.parametrize("flags", [["--mqtt_certfile", "C", "--mqtt_keyfile", "K"],

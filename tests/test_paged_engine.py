@@ -437,11 +437,11 @@ class RecordingEngine:
 def test_history_is_trimmed_to_the_projects_share_not_just_max_model_len(engines) -> None:
     import json
 
-    from agent.config import AgentConfig
-    from agent.prompt_builder import to_messages
-    from agent.router import Router
-    from agent.topics import Topics
+    from agent.core.prompt_builder import to_messages
+    from agent.mqtt.topics import Topics
+    from agent.service.config import AgentConfig
     from projects import ProjectSpec
+    from tests.chat_rig import ChatRig
 
     engine, _ = engines("llama", max_model_len=512, num_kv_blocks=32,
                         project_shares=(("general", 1.0), ("maze", 1.0)))
@@ -458,7 +458,7 @@ def test_history_is_trimmed_to_the_projects_share_not_just_max_model_len(engines
             replies.append(payload)
             arrived.notify_all()
 
-    router = Router(config, recording, specs, Topics(config.projects), publish)  # type: ignore[arg-type]
+    router = ChatRig(config, recording, specs, Topics(config.projects), publish)  # type: ignore[arg-type]
     router.start()
     try:
         for i in range(7):  # each turn after the previous reply, as a chat client does

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit, to_messages
+from agent.core.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit, to_messages
 from tests.fake_engine import tiny_tokenizer, user_turns
 
 

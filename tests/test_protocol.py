@@ -6,15 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.options import Options
-from agent.protocol import (
+from agent.mqtt.options import Options
+from agent.mqtt.protocol import (
     ChatRequest,
     ProtocolError,
     RequestParser,
     json_object,
     session_id_problem,
 )
-from agent.topics import Topics
+from agent.mqtt.topics import Topics
 
 DEFAULT_PREFIX = "maze/assistant_response/"
 
@@ -227,7 +227,7 @@ def _outcome(payload: dict) -> tuple:
 @given(payload=_usual_payloads)
 @settings(max_examples=60, deadline=None)
 def test_usual_request_equals_the_general_path(key: str, value: object, payload: dict) -> None:
-    with patch("agent.protocol.new_session_id", return_value="default-0000abcd"):
+    with patch("agent.mqtt.protocol.new_session_id", return_value="default-0000abcd"):
         usual, general = _outcome(payload), _outcome({**payload, key: value})
     if usual[0] == "request" and key not in _PART_A:  # the general path keeps it as an extra
         usual = ("request", replace(usual[1], extras={key: value}))

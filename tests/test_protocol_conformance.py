@@ -18,15 +18,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.protocol import RequestParser
-from agent.router import Router
-from agent.sessions import Session
-from agent.settings import parse_settings
-from agent.topics import Topics, filters_overlap
+from agent.core.sessions import Session
+from agent.mqtt.protocol import RequestParser
+from agent.mqtt.topics import Topics, filters_overlap
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
+from agent.service.settings import parse_settings
 from projects.maze_rules import DEFAULT_MAX_BREAKS, build_hint, parse_state
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
+from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine
 from tests.game_harness import Game, system_prompt
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
@@ -107,19 +107,19 @@ def make_agent(broker: Broker) -> Iterator[MakeAgent]:
         agent.stop()
 
 
-MakeRouter = Callable[..., tuple[Router, FakeEngine, Replies]]
+MakeRouter = Callable[..., tuple[ChatRig, FakeEngine, Replies]]
 
 
 @pytest.fixture
 def make_router() -> Iterator[MakeRouter]:
     """A router (projects maze and general, no broker) whose clock the test moves."""
-    routers: list[Router] = []
+    routers: list[ChatRig] = []
 
-    def make(clock: Clock | None = None, **overrides: object) -> tuple[Router, FakeEngine, Replies]:
+    def make(clock: Clock | None = None, **overrides: object) -> tuple[ChatRig, FakeEngine, Replies]:
         engine = FakeEngine()
         config = AgentConfig(projects=("maze", "general"), **overrides)  # type: ignore[arg-type]
         replies = Replies()
-        router = Router(config, engine, PROJECTS, Topics(config.projects), replies,
+        router = ChatRig(config, engine, PROJECTS, Topics(config.projects), replies,
                         clock=clock or Clock())
         router.start()
         routers.append(router)
@@ -130,7 +130,7 @@ def make_router() -> Iterator[MakeRouter]:
         router.stop()
 
 
-def ask(router: Router, replies: Replies, session: str, message: str, **fields: object) -> str:
+def ask(router: ChatRig, replies: Replies, session: str, message: str, **fields: object) -> str:
     """Sends one turn of ``session`` (project maze) and returns its reply."""
     before = len(replies.items)
     payload = {"sessionId": session, "message": message, **fields}
@@ -148,7 +148,7 @@ def game() -> Iterator[Callable[..., Game]]:
 
     yield make
     for g in games:
-        g.agent.router.stop()
+        g.agent.core.stop()
 
 
 # ---- A. Chat: topics, QoS, retain ----

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.status import AgentInfo
+from agent.mqtt.status import AgentInfo
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from engine import create_engine
 from engine.api import EngineConfig, SamplingParams, UnsupportedError
 from projects import load_project

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.rate_limit import RateLimiter
+from agent.core.rate_limit import RateLimiter
 
 
 class Clock:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.settings import Settings, SettingsError, parse_settings
+from agent.service.settings import Settings, SettingsError, parse_settings
 from tests.setup_script import SETUP, fake_tool, source_setup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ def listed_choices(meaning: str) -> list[str] | None:
 
 def test_the_table_has_a_row_for_every_flag_of_the_parser() -> None:
     """README: "### All flags" -- the table lists the launcher's flags, no more, no fewer."""
-    from agent.settings import build_parser
+    from agent.service.settings import build_parser
 
     parser_flags = {action.dest for action in build_parser()._actions if action.dest != "help"}
     assert set(ROW_IDS) == parser_flags
@@ -379,9 +379,9 @@ def test_the_launcher_takes_the_old_command_line_and_pins_the_gpu(files: dict[st
 
 
 def test_update_readme_command_leaves_the_readme_as_it_is(tmp_path: Path) -> None:
-    """README: "Generated from `agent/settings_table.py` (`python -m agent.settings
+    """README: "Generated from `agent/service/settings_table.py` (`python -m agent.service.settings
     --update-readme README.md`)" -- the command rewrites the table to what the README holds."""
-    from agent.settings import main
+    from agent.service.settings import main
 
     copy = tmp_path / "README.md"
     copy.write_text(README, encoding="utf-8")
@@ -550,7 +550,7 @@ def test_the_demo_starts_the_agent_with_every_project_on_the_cpu_under_its_own_p
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """README: "starts `vLLMDeploy.py` with every shipped project on the CPU under a topic
     prefix of its own (so it never meets a real deployment on the same broker)"."""
-    from agent import demo
+    from agent.demo import run as demo
 
     def launch(command: list[str], **kw: Any) -> None:
         raise Launched(command, kw["env"])
@@ -573,7 +573,7 @@ def test_the_demo_starts_the_agent_with_every_project_on_the_cpu_under_its_own_p
 def test_the_demos_private_mosquitto_is_stopped_at_the_end(tmp_path: Path) -> None:
     """README: "it uses the system Mosquitto if one answers on localhost:1883 (else it starts
     a private one on a free port and stops it at the end)"."""
-    from agent.demo import broker_answers, start_mosquitto
+    from agent.demo.run import broker_answers, start_mosquitto
 
     with ExitStack() as stack:
         port = start_mosquitto(stack, tmp_path)
@@ -586,7 +586,7 @@ def test_the_demo_sends_a_reply_topic_at_the_projects_sampling_and_times_the_rep
         broker: Any) -> None:
     """README: "sends one prompt per project with a `replyTopic` at the project's own
     sampling settings, prints each reply with its round-trip time"."""
-    from agent.demo import DemoClient
+    from agent.demo.run import DemoClient
     from tests.mqtt_broker import Recorder
 
     with Recorder(broker, "demo-x/+/user_input") as agent:
@@ -606,7 +606,7 @@ def test_the_demo_sends_a_reply_topic_at_the_projects_sampling_and_times_the_rep
 
 def test_the_demo_prints_each_reply_with_its_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
     """README: "prints each reply with its round-trip time"."""
-    from agent.demo import print_table
+    from agent.demo.run import print_table
 
     print_table([("maze", "Where now?", "42 ms", '{"hint": "go left"}'),
                  ("driving", "Hi", "timeout", None)])
@@ -618,7 +618,7 @@ def test_the_demo_prints_each_reply_with_its_round_trip(capsys: pytest.CaptureFi
 
 def test_the_demo_stops_the_agent_with_sigterm() -> None:
     """README: "and stops the agent with SIGTERM"."""
-    from agent.demo import stop_process
+    from agent.demo.run import stop_process
 
     child = subprocess.Popen(["sleep", "30"])
     stop_process(child, "the agent", 5.0)
@@ -628,8 +628,8 @@ def test_the_demo_stops_the_agent_with_sigterm() -> None:
 def test_the_demo_model_is_built_into_dot_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """README: "builds the tiny demo model once into `.cache/`" and its options "`./run_demo.sh
     --model /path/to/model-folder`; `--random-model` uses the tiny random checkpoint"."""
-    from agent import demo
-    from engine.tiny_checkpoint import _default_cache_root
+    from agent.demo import run as demo
+    from agent.demo.tiny_checkpoint import _default_cache_root
 
     monkeypatch.delenv("VLLM_DEPLOY_CACHE", raising=False)
     assert _default_cache_root().parent == ROOT / ".cache"
@@ -639,7 +639,7 @@ def test_the_demo_model_is_built_into_dot_cache(monkeypatch: pytest.MonkeyPatch)
 
 def test_the_random_models_empty_answer_text() -> None:
     """README: "(gibberish, now and then `Error: the model returned an empty answer`)"."""
-    from agent.reasoning import EMPTY_ANSWER
+    from agent.core.reasoning import EMPTY_ANSWER
 
     assert EMPTY_ANSWER == "Error: the model returned an empty answer"
 
@@ -712,7 +712,7 @@ def connect_properties(packet: bytes) -> tuple[int, dict[int, bytes]]:
 def test_mqtt5_connect_asks_for_65535_and_a_persistent_session() -> None:
     """README: "The agent keeps a persistent session (`--agent_id` gives a stable client id)
     ... on MQTT 5 the agent asks for 65535 (Receive Maximum)"."""
-    from agent.mqtt_client import MqttClient
+    from agent.mqtt.client import MqttClient
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         packets: list[bytes] = []

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.reasoning import split_reasoning, strip_reasoning
+from agent.core.reasoning import split_reasoning, strip_reasoning
 
 
 @pytest.mark.parametrize("text, answer", [

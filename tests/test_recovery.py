@@ -1,7 +1,7 @@
 """Nothing lost (issue 5, item 3) against a real Mosquitto with persistence on: the broker
 restarted during a burst and while requests are being answered, the agent SIGKILLed while
 requests wait at the broker and while it is answering them (acknowledged only after the
-reply: agent.acks), a session takeover, and the jittered reconnect back-off."""
+reply: agent.mqtt.acks), a session takeover, and the jittered reconnect back-off."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.app import Agent
-from agent.backoff import Backoff
-from agent.config import AgentConfig
+from agent.mqtt.backoff import Backoff
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.ack_counter import counting_acks
 from tests.fake_engine import FakeEngine, user_turns
 from tests.mqtt_broker import Broker, Recorder, mosquitto_available, start_broker
@@ -137,11 +137,11 @@ def test_broker_restart_during_a_burst_loses_no_request(
 
 AGENT = ("import json, logging, sys, threading\n"
          "logging.basicConfig(level=logging.INFO)\n"
-         "from agent.app import Agent\nfrom agent.config import AgentConfig\n"
+         "from agent.service.app import Agent\nfrom agent.service.config import AgentConfig\n"
          "from tests.fake_engine import FakeEngine\n"
          "c = json.loads(sys.argv[1]); c['projects'] = tuple(c['projects'])\n"
          "delay = c.pop('engine_delay', 0.0)\n"
-         "logging.getLogger('agent.router').setLevel(c.pop('router_log_level', 'INFO'))\n"
+         "logging.getLogger('agent.core.conversation').setLevel(c.pop('router_log_level', 'INFO'))\n"
          "Agent(AgentConfig(**c), FakeEngine(delay=delay)).start()\n"
          "print('ready', flush=True)\nthreading.Event().wait()\n")
 
@@ -182,7 +182,7 @@ def test_requests_sent_while_the_agent_is_dead_are_answered_after_its_restart(
         time.sleep(0.3)
         got = requester.wait_for(51, timeout=0)
         # r1000 may come twice: a kill that lands between its reply and its PUBACK (which
-        # follows the reply, agent.acks) has the broker deliver it again: at least once.
+        # follows the reply, agent.mqtt.acks) has the broker deliver it again: at least once.
         assert got[1000] in (1, 2), got
         assert got - Counter({1000: got[1000]}) == Counter(range(50)), got
         assert "resumed session" in log_path.read_text()
@@ -198,7 +198,7 @@ def test_requests_in_flight_when_the_agent_is_killed_are_answered_after_its_rest
     """20 QoS 1 requests are delivered to the agent (a subprocess with a fixed agent_id and an
     engine that takes 60 s: all 20 accepted, none answered), then it is SIGKILLed and a new
     process with the same agent_id (a quick engine) resumes the session. The first process
-    acknowledged none of them (agent.acks: PUBACK only after the reply), so the broker
+    acknowledged none of them (agent.mqtt.acks: PUBACK only after the reply), so the broker
     delivers all 20 again. Asserted: each of the 20 answered, and exactly once (the first
     process published no reply, the second got each request once). 20 is also Mosquitto's
     default max_inflight_messages, the most it sends an MQTT 3.1.1 client unacknowledged."""
@@ -245,7 +245,7 @@ def test_requests_delivered_again_after_a_reconnect_are_answered_once(
             for i in range(5):
                 requester.send(i, wait=True)
             deadline = time.monotonic() + 5
-            while agent.router.lanes.pending < 5:
+            while agent.core.lanes.pending < 5:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             broker.restart()

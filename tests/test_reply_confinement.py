@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.protocol import ProtocolError, RequestParser
-from agent.topics import Topics, looks_like_request, topic_problem
+from agent.mqtt.protocol import ProtocolError, RequestParser
+from agent.mqtt.topics import Topics, looks_like_request, topic_problem
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, Recorder, mosquitto_available
 

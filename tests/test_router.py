@@ -8,14 +8,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.rate_limit import RATE_LIMITED
-from agent.router import OVERLOADED, SHUTTING_DOWN, Router
-from agent.sessions import Session
-from agent.topics import Topics
+from agent.core.outcome import OVERLOADED, SHUTTING_DOWN
+from agent.core.rate_limit import RATE_LIMITED
+from agent.core.sessions import Session
+from agent.mqtt.topics import Topics
+from agent.service.config import AgentConfig
 from engine.api import EngineError
 from engine.tokenizer import Tokenizer
 from projects import ProjectSpec
+from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine, tiny_tokenizer
 
 PROJECTS = {
@@ -45,18 +46,18 @@ class Replies:
         return [p for t, p in self.items if t == topic]
 
 
-MakeRouter = Callable[..., tuple[Router, FakeEngine, Replies]]
+MakeRouter = Callable[..., tuple[ChatRig, FakeEngine, Replies]]
 
 
 @pytest.fixture
 def make_router() -> Iterator[MakeRouter]:
-    routers: list[Router] = []
+    routers: list[ChatRig] = []
 
-    def make(engine: FakeEngine | None = None, **overrides: object) -> tuple[Router, FakeEngine, Replies]:
+    def make(engine: FakeEngine | None = None, **overrides: object) -> tuple[ChatRig, FakeEngine, Replies]:
         engine = engine or FakeEngine()
         config = AgentConfig(projects=("maze", "general"), **overrides)  # type: ignore[arg-type]
         replies = Replies()
-        router = Router(config, engine, PROJECTS, Topics(config.projects), replies)
+        router = ChatRig(config, engine, PROJECTS, Topics(config.projects), replies)
         router.start()
         routers.append(router)
         return router, engine, replies
@@ -66,7 +67,7 @@ def make_router() -> Iterator[MakeRouter]:
         router.stop()
 
 
-def send(router: Router, project: str = "maze", **fields: object) -> None:
+def send(router: ChatRig, project: str = "maze", **fields: object) -> None:
     router.handle_message(f"{project}/user_input", json.dumps(fields).encode())
 
 

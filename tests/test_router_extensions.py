@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.envelope import CODES
-from agent.lanes import OVERLOADED
-from agent.rate_limit import RATE_LIMITED
-from agent.router import Router
-from agent.topics import Topics
+from agent.core.outcome import OVERLOADED
+from agent.core.rate_limit import RATE_LIMITED
+from agent.mqtt.envelope import CODES
+from agent.mqtt.topics import Topics
+from agent.service.config import AgentConfig
 from projects import OutputRules, ProjectSpec
+from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine
 from tests.test_router import qwq_like_tokenizer
 
@@ -49,19 +49,19 @@ class Published:
         return [json.loads(p) for p in self.on(STREAM)]
 
 
-MakeRouter = Callable[..., tuple[Router, FakeEngine, Published]]
+MakeRouter = Callable[..., tuple[ChatRig, FakeEngine, Published]]
 
 
 @pytest.fixture
 def make_router() -> Iterator[MakeRouter]:
-    routers: list[Router] = []
+    routers: list[ChatRig] = []
 
     def make(engine: FakeEngine | None = None, projects: dict | None = None,
-             **overrides: object) -> tuple[Router, FakeEngine, Published]:
+             **overrides: object) -> tuple[ChatRig, FakeEngine, Published]:
         engine = engine or FakeEngine()
         config = AgentConfig(projects=("maze",), **overrides)  # type: ignore[arg-type]
         published = Published()
-        router = Router(config, engine, projects or PROJECTS, Topics(config.projects), published)
+        router = ChatRig(config, engine, projects or PROJECTS, Topics(config.projects), published)
         router.start()
         routers.append(router)
         return router, engine, published
@@ -71,7 +71,7 @@ def make_router() -> Iterator[MakeRouter]:
         router.stop()
 
 
-def send(router: Router, properties: object = None, **fields: object) -> None:
+def send(router: ChatRig, properties: object = None, **fields: object) -> None:
     payload = {"sessionId": "s", "replyTopic": REPLY, "clientId": "c", **fields}
     router.handle_message("maze/user_input", json.dumps(payload).encode(), properties)
 

@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.session_store_redis import RedisSessionStore, SessionStoreError, open_store
-from agent.sessions import MemorySessionStore, Session, SessionStore
+from agent.core.session_store_redis import RedisSessionStore, SessionStoreError
+from agent.core.sessions import MemorySessionStore, Session, SessionStore
+from agent.service.config import AgentConfig
+from agent.service.session_store import open_store
 from tests.redis_server import REDIS_URL, delete_prefix, redis_prefix, require_redis
 
 __all__ = ["redis_prefix"]  # a fixture used below

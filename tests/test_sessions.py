@@ -1,6 +1,6 @@
 import pytest
 
-from agent.sessions import MemorySessionStore, Session, resolve_system_prompt
+from agent.core.sessions import MemorySessionStore, Session, resolve_system_prompt
 
 
 class Clock:

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from agent.config import AgentConfig
-from agent.settings import Settings, SettingsError, build_parser, parse_settings
-from agent.settings_table import FLAGS, default_yaml, markdown_table, readme_table
-from agent.status import AgentInfo
+from agent.mqtt.status import AgentInfo
+from agent.service.config import AgentConfig
+from agent.service.settings import Settings, SettingsError, build_parser, parse_settings
+from agent.service.settings_table import FLAGS, default_yaml, markdown_table, readme_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_ENV: dict[str, str] = {}
@@ -297,7 +297,7 @@ def test_engine_config_takes_the_project_shares() -> None:
 
 def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
-    import agent.app
+    import agent.service.app
     import engine
     import engine.model_source
     import projects
@@ -325,7 +325,7 @@ def test_launcher_passes_each_projects_kv_share(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(projects, "load_project", lambda name: specs[name])
     monkeypatch.setattr(engine.model_source, "resolve_model", lambda *a, **kw: tmp_path)
     monkeypatch.setattr(engine, "create_engine", fake_create_engine)
-    monkeypatch.setattr(agent.app, "Agent", FakeAgent)
+    monkeypatch.setattr(agent.service.app, "Agent", FakeAgent)
     settings = parse("--projects", "maze", "driving", "--device", "cpu", "--legacy_topics",
                      "--kv_cache_dtype", "fp8")
     vLLMDeploy.start(settings)
@@ -353,7 +353,7 @@ def test_legacy_topic_settings() -> None:
 def test_every_agent_config_field_has_a_flag() -> None:
     flags = {f.name for f in FLAGS}
     missing = [f.name for f in dataclasses.fields(AgentConfig) if f.name not in flags]
-    assert not missing, f"AgentConfig fields without a flag in agent/settings_table.py: {missing}"
+    assert not missing, f"AgentConfig fields without a flag in agent/service/settings_table.py: {missing}"
 
 
 def test_shipped_yaml_configs_are_valid(tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def test_shipped_yaml_configs_are_valid(tmp_path: Path) -> None:
 
 def test_default_yaml_is_generated_from_the_table() -> None:
     text = (ROOT / "configs" / "default.yaml").read_text(encoding="utf-8")
-    assert text == default_yaml(), "run: python -m agent.settings --default-yaml > configs/default.yaml"
+    assert text == default_yaml(), "run: python -m agent.service.settings --default-yaml > configs/default.yaml"
     uncommented = "\n".join(line[2:] for line in text.splitlines() if line.startswith("# ") and
                             any(line.startswith(f"# {f.name}:") for f in FLAGS))
     assert yaml.safe_load(uncommented) == {f.name: (list(f.default) if isinstance(f.default, tuple)
@@ -379,11 +379,11 @@ def test_default_yaml_is_generated_from_the_table() -> None:
 
 def test_readme_flag_table_is_in_sync() -> None:
     table = readme_table((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert table == markdown_table(), "run: python -m agent.settings --update-readme README.md"
+    assert table == markdown_table(), "run: python -m agent.service.settings --update-readme README.md"
 
 
 def test_parsing_imports_no_torch() -> None:
-    code = ("import sys; from agent.settings import parse_settings; import vLLMDeploy; "
+    code = ("import sys; from agent.service.settings import parse_settings; import vLLMDeploy; "
             "parse_settings(['--projects', 'maze']).agent_config(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_DEPLOY_")}

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.session_store_redis import RedisSessionStore
-from agent.share_group import share_group_problem, shared_subscriptions
-from agent.topics import Topics
+from agent.core.session_store_redis import RedisSessionStore
+from agent.mqtt.share_group import share_group_problem, shared_subscriptions
+from agent.mqtt.topics import Topics
+from agent.service.app import Agent
+from agent.service.checks import check_agent_config
+from agent.service.config import AgentConfig
 from engine.api import GenerationRequest
 from tests.fake_engine import FakeEngine, user_turns
 from tests.mqtt_broker import Broker, mosquitto_available
@@ -67,7 +68,7 @@ def test_turns_alternate_between_boxes_and_the_history_is_intact(
     pair: Callable[..., tuple[str, list[Agent]]], client: OldClient, protocol: str,
 ) -> None:
     prefix, agents = pair(protocol)
-    assert all(isinstance(a.router.store, RedisSessionStore) for a in agents)
+    assert all(isinstance(a.core.sessions.store, RedisSessionStore) for a in agents)
     messages = [f"turn {i} {secrets.token_hex(2)}" for i in range(6)]
     served = []
     for i, message in enumerate(messages):
@@ -117,4 +118,4 @@ def test_request_topics_are_shared_and_control_topics_are_not() -> None:
     for bad in ("", "a/b", "a+", "#", "x\0"):
         assert share_group_problem(bad)
         with pytest.raises(ValueError, match="share_group"):
-            AgentConfig(share_group=bad)
+            check_agent_config(AgentConfig(share_group=bad))

@@ -24,9 +24,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 import agent as agent_package
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.topics import filters_overlap
+from agent.mqtt.topics import filters_overlap
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, free_port, mosquitto_available
 from tests.old_client import OldClient
@@ -137,7 +137,7 @@ def test_last_will_says_offline_when_the_agent_dies(
 ) -> None:
     config = settings(broker, mqtt_protocol=protocol, projects=["general"])
     code = ("import json, sys, threading\n"
-            "from agent.app import Agent\nfrom agent.config import AgentConfig\n"
+            "from agent.service.app import Agent\nfrom agent.service.config import AgentConfig\n"
             "from tests.fake_engine import FakeEngine\n"
             "c = json.loads(sys.argv[1]); c['projects'] = tuple(c['projects'])\n"
             "Agent(AgentConfig(**c), FakeEngine()).start()\n"

@@ -8,11 +8,11 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.options import Options
-from agent.protocol import ChatRequest
-from agent.reasoning import CLOSE, OPEN, split_completion
-from agent.streaming import AnswerFilter, Stream
-from agent.topics import Topics
+from agent.core.reasoning import CLOSE, OPEN, split_completion
+from agent.mqtt.options import Options
+from agent.mqtt.protocol import ChatRequest
+from agent.mqtt.streaming import AnswerFilter, Stream
+from agent.mqtt.topics import Topics
 
 PIECES = [OPEN, CLOSE, "a", "b", " ", "\n", "<", "<th", "k>", "/", "é"]
 texts = st.lists(st.sampled_from(PIECES), max_size=14).map("".join)

@@ -21,9 +21,9 @@ import pytest
 import torch
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.reasoning import EMPTY_ANSWER
+from agent.core.reasoning import EMPTY_ANSWER
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from engine import create_engine
 from engine.api import EngineConfig, GenerationRequest
 from engine.llm_engine import LLMEngine

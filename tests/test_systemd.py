@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import Agent
-from agent.config import AgentConfig
-from agent.lanes import SHUTTING_DOWN
-from agent.sd_notify import SdNotify, socket_address
-from agent.service import ServiceNotifier, status_text
-from agent.settings_table import BY_NAME
-from agent.shutdown import ShutdownSignals, drain, forced_exit_code
+from agent.core.outcome import SHUTTING_DOWN
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
+from agent.service.notifier import ServiceNotifier, status_text
+from agent.service.sd_notify import SdNotify, socket_address
+from agent.service.settings_table import BY_NAME
+from agent.service.shutdown import ShutdownSignals, drain, forced_exit_code
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
@@ -339,8 +339,8 @@ def test_ready_after_subscribing_watchdog_and_sigterm_during_generation(
 
 SLOW_AGENT = """
 import json, sys
-from agent.app import Agent
-from agent.config import AgentConfig
+from agent.service.app import Agent
+from agent.service.config import AgentConfig
 from tests.fake_engine import FakeEngine
 
 class Engine(FakeEngine):
@@ -452,7 +452,7 @@ def test_install_with_a_root_folder_installs_the_files_and_keeps_the_env_file(tm
     assert not calls.exists(), calls.read_text()
     code = root / "opt/vllm-deploy"
     assert (code / "vLLMDeploy.py").read_bytes() == (ROOT / "vLLMDeploy.py").read_bytes()
-    assert (code / "agent/sd_notify.py").is_file() and not (code / "tests").exists()
+    assert (code / "agent/service/sd_notify.py").is_file() and not (code / "tests").exists()
     assert not list(code.rglob("__pycache__"))
     unit = (root / "etc/systemd/system/vllm-deploy.service").read_text()
     assert unit == UNIT.read_text()  # the default prefix: paths unchanged

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.topics import Topics, normalize_prefix
+from agent.mqtt.topics import Topics, normalize_prefix
 
 PROJECTS = ("maze", "driving")
 
@@ -122,7 +122,7 @@ def test_legacy_replies_are_publishable(topics: Topics) -> None:
 def test_remembered_verdicts_stay_right_and_bounded(topics: Topics) -> None:
     """publish_problem remembers its verdicts: asking again gives the same answer, whether
     the topic was refused or not, and the memory never grows past its bound."""
-    from agent import topics as module
+    from agent.mqtt import topics as module
 
     cases = {"maze/assistant_response/s1": None,
              "driving/user_input": "it is a request or control topic",
@@ -143,7 +143,7 @@ def test_remembered_verdicts_stay_right_and_bounded(topics: Topics) -> None:
 def test_ascii_topics_get_the_same_verdict_as_any_topic() -> None:
     """topic_problem checks an ASCII topic with a smaller character class: for every ASCII
     character it must refuse what the full class (taken for a non-ASCII topic) refuses."""
-    from agent.topics import topic_problem
+    from agent.mqtt.topics import topic_problem
 
     refused = set()
     for c in map(chr, range(128)):

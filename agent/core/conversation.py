@@ -1,0 +1,356 @@
+"""One turn from admission to its end: the core's request path, in one class.
+
+A front door parses a request and calls ``Conversation.submit`` with a ``deliver``
+callback; the turn's one ``Outcome`` comes back through it. In between: dedupe,
+shutdown, rate limit and queue bound (each refusal delivered at once); one turn in
+flight per session, in arrival order; the prompt (system prompt, history, message)
+trimmed to the budget and handed to the engine; the engine's result made into the
+reply (reasoning split, output rules with one retry); the session recorded on
+success; a deadline for every turn.
+
+``submit`` runs on the front door's receiving thread and does only quick work there,
+and, where that is quick too, starts the turn there: with the in-process session store
+and a tokenizer that needs no lock, a prompt of at most ``INLINE_CHARS`` characters is
+built and handed to the engine (a queue) on the spot. A thread hand-off costs more than
+that work (bench/agent.py, docs/BENCHMARKS.md). Longer prompts, the Redis store and
+engine results run on a pool of worker threads; a watcher thread ends turns that run past
+``request_timeout`` and cancels their generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from agent.core import metrics as outcomes
+from agent.core.deadlines import DeadlineWatcher
+from agent.core.debug_log import debug_log
+from agent.core.dedupe import Deduper
+from agent.core.metrics import RequestMetrics
+from agent.core.outcome import (
+    INTERNAL,
+    OVERLOADED,
+    RESET_REPLY,
+    SHUTTING_DOWN,
+    Deliver,
+    DeltaSink,
+    Outcome,
+    TurnRequest,
+)
+from agent.core.output_rules import RuleReviewer, retry_request
+from agent.core.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
+from agent.core.rate_limit import RATE_LIMITED, RateLimiter
+from agent.core.reasoning import answer_of
+from agent.core.session_access import SessionAccess
+from agent.core.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
+from agent.core.settings import CoreSettings
+from agent.core.turns import OnSent, SessionLanes, Turn
+from engine.api import (
+    EngineError,
+    EngineProtocol,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
+from projects import ProjectSpec
+
+log = logging.getLogger(__name__)
+
+# Prompts up to this many characters are built on the receiving thread (well under a
+# millisecond of tokenizing); longer ones on a worker, so that thread never stalls for long.
+INLINE_CHARS = 8192
+
+
+class Conversation:
+    def __init__(
+        self, *, settings: CoreSettings, engine: EngineProtocol, projects: dict[str, ProjectSpec],
+        sessions: SessionAccess, lanes: SessionLanes, builder: PromptBuilder,
+        limiter: RateLimiter, deduper: Deduper, rules: RuleReviewer, metrics: RequestMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.projects = projects
+        self.sessions = sessions
+        self.lanes = lanes
+        self.metrics = metrics
+        self._builder = builder
+        self._limiter = limiter
+        self._deduper = deduper
+        self._rules = rules
+        self._clock = clock
+        self._seq = itertools.count(1)
+        self._tag = secrets.token_hex(3)  # engine request ids stay unique across cores
+        self._pool = ThreadPoolExecutor(settings.num_workers, thread_name_prefix="agent-worker")
+        # Starting a turn on the receiving thread needs a store without I/O, a tokenizer
+        # without a lock.
+        self._inline = isinstance(sessions.store, MemorySessionStore) and builder.lock_free
+        self._local = threading.local()  # .submitting: the turn this thread hands the engine
+        self._watcher = DeadlineWatcher(self.expire, clock, done=lambda turn: turn.answered)
+        self.stopping = False  # new requests get the shutting-down reply
+
+    # ---- the front doors' API ----
+
+    def start(self) -> None:
+        self._watcher.start()
+
+    def submit(self, request: TurnRequest, deliver: Deliver, stream: DeltaSink | None = None,
+               on_sent: OnSent | None = None) -> bool:
+        """Admits ``request``; its one Outcome goes to ``deliver`` (a refusal at once, here).
+        ``on_sent`` is called after that delivery; True: the turn holds it (it is called
+        later, maybe on another thread), False: the caller may call it as this returns."""
+        key = (request.project, request.session_id)
+        if request.request_id and self._deduper.seen(key + (request.request_id,)):
+            # Delivered again (MQTT QoS 1 after a reconnect) while still being answered: its
+            # on_sent waits for that answer.
+            held = on_sent is not None and self.lanes.attach(key, request.request_id, on_sent)
+            log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
+            return held
+        if self.stopping:
+            return self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN)
+        if not self._limiter.allow(key):
+            log.warning("rate limit hit by session %s/%s", *key)
+            return self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED)
+        now = self._clock()
+        turn = Turn(request, next(self._seq), now, deliver, stream,
+                    on_sent=[] if on_sent is None else [on_sent])
+        first = self.lanes.add(turn)
+        if first is None:
+            log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
+            return self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED)
+        if self.stopping:  # stop() may have listed the pending turns before this one came
+            self.finish(turn, SHUTTING_DOWN)
+            return True
+        # Per request only DEBUG lines (here and when answered): an INFO line per request cost
+        # the agent ~15% of its rate (docs/BENCHMARKS.md); the INFO stats line counts them.
+        log.debug("request %d accepted: session %s/%s client %s", turn.seq, *key, request.client_id)
+        debug_log.debug("request %d session %s/%s message: %r", turn.seq, *key, request.message)
+        self._watcher.add(now + self.settings.request_timeout, turn)
+        if first:
+            self._start(turn)
+        return True
+
+    def is_repeat(self, project: str, session_id: str, request_id: str) -> bool:
+        """Whether a request that a front door refused itself (it did not parse) came before;
+        remembers it."""
+        return self._deduper.seen((project, session_id, request_id))
+
+    def refuse_new(self) -> None:
+        """A graceful stop's first step: new requests get the shutting-down reply, the ones
+        accepted before go on (``stop()`` answers whatever is left)."""
+        self.stopping = True
+
+    def stop(self) -> None:
+        """Ends every pending turn (shutting down), cancels their generation, stops threads."""
+        self.stopping = True
+        for turn in self.lanes.unanswered():
+            if self.finish(turn, SHUTTING_DOWN) and turn.engine_id:
+                self.engine.cancel(turn.engine_id)
+        self._watcher.stop()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def prompt_opens_reasoning(self) -> bool:
+        """Whether the chat template opens ``<think>`` itself (the reply starts in reasoning)."""
+        return self.engine.tokenizer.opens_reasoning
+
+    def stats(self) -> dict:
+        return {"pending": self.lanes.pending, "output_rules": self._rules.counts()}
+
+    # ---- admission ----
+
+    def _refuse(self, request: TurnRequest, deliver: Deliver, text: str, reason: str) -> bool:
+        self.metrics.rejected(request.project, reason)
+        _safely(deliver, Outcome(text, False, admitted=False))
+        return False
+
+    def _start(self, turn: Turn) -> None:
+        """Starts the turn at the head of its lane: here if that is quick, else on a worker."""
+        if self._inline:
+            self._guarded(self._run, turn, True)
+        else:
+            self._spawn(self._run, turn)
+
+    def _spawn(self, fn: Callable[..., None], turn: Turn, *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down: stop() answered every turn
+            self._pool.submit(self._guarded, fn, turn, *args)
+
+    def _guarded(self, fn: Callable[..., None], turn: Turn, *args: Any) -> None:
+        try:
+            fn(turn, *args)
+        except Exception:
+            log.exception("request %d failed", turn.seq)
+            self.finish(turn, INTERNAL)
+
+    # ---- the prompt, to the engine ----
+
+    def _run(self, turn: Turn, inline: bool = False) -> None:
+        """Builds the prompt and submits it; ``inline`` (on the receiving thread): only a short
+        one, else the turn goes to a worker."""
+        if turn.answered:
+            return
+        req, spec, settings = turn.request, self.projects[turn.request.project], self.settings
+        if req.reset:
+            self._reset(turn)
+            return
+        session = self.sessions.read(turn)
+        system_prompt = resolve_system_prompt(req.system_prompt, session,
+                                              self.sessions.default_prompt(req.project))
+        turns = session.turns if session else []
+        if inline and len(system_prompt) + len(req.message) + sum(
+                len(u) + len(a) for u, a in turns) > INLINE_CHARS:
+            self._spawn(self._run, turn)
+            return
+        max_tokens = min(req.max_tokens or spec.max_tokens or settings.max_tokens,
+                         settings.max_tokens)
+        limit = prompt_limit(settings.max_history_tokens, max_tokens,
+                             self.engine.token_budget(req.project), self.engine.max_model_len)
+        try:
+            prompt = self._builder.build(system_prompt, turns, req.message, limit)
+        except PromptTooLong as exc:
+            self.finish(turn, str(exc))
+            return
+        turn.history = Session(system_prompt, turns[prompt.first_turn:])
+        temperature = req.temperature if req.temperature is not None else spec.temperature
+        top_p = req.top_p if req.top_p is not None else spec.top_p
+        sampling = SamplingParams(
+            temperature=settings.temperature if temperature is None else temperature,
+            top_p=settings.top_p if top_p is None else top_p,
+            max_tokens=max_tokens,
+        )
+        self._generate(turn, GenerationRequest(
+            request_id=f"{self._tag}-{turn.seq}",
+            prompt_token_ids=prompt.token_ids,
+            sampling=sampling,
+            on_done=partial(self._on_done, turn),
+            on_delta=turn.stream.feed if turn.stream is not None else None,
+            project=req.project,
+            metadata={"session_id": req.session_id, "client_id": req.client_id},
+        ))
+
+    def _generate(self, turn: Turn, generation: GenerationRequest) -> None:
+        turn.engine_id, turn.generation = generation.request_id, generation
+        outer, self._local.submitting = getattr(self._local, "submitting", None), turn
+        try:
+            self.engine.submit(generation)
+        except EngineError as exc:
+            self.finish(turn, f"Error: {exc}")
+            return
+        finally:
+            self._local.submitting = outer
+        if turn.answered and turn.engine_id == generation.request_id:
+            self.engine.cancel(generation.request_id)  # timed out (or shut down) meanwhile
+
+    def _reset(self, turn: Turn) -> None:
+        """A reset request: forgets the session (history, system prompt) in its lane's order."""
+        with self.sessions.changing(*turn.key) as store:
+            store.delete(turn.key)
+        log.info("request %d: session %s/%s reset", turn.seq, *turn.key)
+        self.finish(turn, RESET_REPLY, ok=True)
+
+    # ---- the engine's result, to the reply ----
+
+    def _on_done(self, turn: Turn, result: GenerationResult) -> None:
+        """The engine's ``on_done``. From the engine's thread, the result goes to a worker; an
+        engine that answers inside ``submit`` (an instant or failing one) is served on the
+        spot, on the thread that submitted: one thread hand-off less."""
+        if getattr(self._local, "submitting", None) is turn:
+            self._guarded(self._on_result, turn, result)
+        else:
+            self._spawn(self._on_result, turn, result)
+
+    def _on_result(self, turn: Turn, result: GenerationResult) -> None:
+        turn.engine_id = None  # the engine is done with it: nothing to cancel
+        if turn.answered:  # timed out or shut down meanwhile: nothing to send, nothing to retry
+            return
+        turn.result = result
+        text, error = answer_of(result, self.settings.skip_thinking,
+                                self.engine.tokenizer.opens_reasoning)
+        if error is not None:
+            if result.error:
+                log.warning("request %d: engine error: %s", turn.seq, result.error)
+            self.finish(turn, error)
+            return
+        rules = self.projects[turn.request.project].output_rules
+        if rules is not None and turn.generation is not None:
+            reviewed = self._rules.review(turn.request.project, rules, text, turn.seq,
+                                          not turn.retried)
+            if reviewed is None:  # broke its rules: once more
+                turn.retried = True
+                if turn.stream is not None:
+                    turn.stream.restart()
+                self._generate(turn, retry_request(turn.generation))
+                return
+            text = reviewed
+        assert turn.history is not None
+        history = Session(turn.history.system_prompt,
+                          turn.history.turns + [(turn.request.message, text)])
+        if self.finish(turn, text, history):
+            log.debug(
+                "request %d answered: session %s/%s client %s, %d prompt + %d completion tokens, "
+                "%.2f s", turn.seq, *turn.key, turn.request.client_id, result.prompt_tokens,
+                len(result.token_ids), self._clock() - turn.accepted_at,
+            )
+            debug_log.debug("request %d reply: %r", turn.seq, text)
+
+    def finish(self, turn: Turn, text: str, history: Session | None = None,
+               ok: bool | None = None) -> bool:
+        """Ends ``turn`` unless it ended already; the session changes only on success. ``ok``
+        (default: ``history`` was given) tells a reply from an error. Any thread."""
+        if not self.lanes.claim(turn):
+            return False
+        # Its on_done refers back to the turn: without this cycle, reference counting frees
+        # the turn as soon as it is answered, not the cyclic GC later (docs/BENCHMARKS.md).
+        turn.generation = None
+        ok = history is not None if ok is None else ok
+        if history is not None:
+            self.sessions.record(turn, history)
+        _safely(turn.deliver, Outcome(text, ok, turn.result))
+        for on_sent in self.lanes.take_on_sent(turn):
+            on_sent()
+        self.metrics.answered(turn.request.project, ok, self._clock() - turn.accepted_at)
+        following = self.lanes.advance(turn)
+        if following is not None:
+            self._spawn(self._run, following)
+        return True
+
+    def expire(self, turn: Turn) -> None:
+        """The deadline watcher's callback: ends a turn past ``request_timeout``."""
+        if turn.answered:
+            return
+        log.warning("request %d of session %s/%s timed out", turn.seq, *turn.key)
+        reply = f"Error: no answer within {self.settings.request_timeout:g} s. Please try again."
+        if self.finish(turn, reply) and turn.engine_id:
+            self.engine.cancel(turn.engine_id)
+
+
+def _safely(deliver: Deliver, outcome: Outcome) -> None:
+    """A front door's failure to deliver must not leave the turn's lane stuck."""
+    try:
+        deliver(outcome)
+    except Exception:
+        log.exception("delivering a result failed")
+
+
+def build_conversation(settings: CoreSettings, engine: EngineProtocol,
+                       projects: dict[str, ProjectSpec], store: SessionStore,
+                       clock: Callable[[], float] = time.monotonic) -> Conversation:
+    """The core with its parts made from ``settings``."""
+    lanes = SessionLanes(settings.max_queue)
+    return Conversation(
+        settings=settings, engine=engine, projects=projects,
+        sessions=SessionAccess(store, lanes, projects), lanes=lanes,
+        builder=PromptBuilder(engine.tokenizer),
+        limiter=RateLimiter(settings.max_requests_per_session, settings.rate_limit_window,
+                            clock=clock),
+        deduper=Deduper(max(600.0, 2 * settings.request_timeout), clock=clock),
+        rules=RuleReviewer(), metrics=RequestMetrics(clock), clock=clock,
+    )

@@ -1,0 +1,70 @@
+"""The MQTT front door: every message the agent receives goes to the handler of its topic.
+
+Chat requests (``P/user_input``, the most) are told by one lookup; else, in order, the
+control topics of every project (``P/template``, ...), the projects' own topics (their
+plug-ins: ``maze/state``) and the older clients' plain-text topics (with
+``--legacy_topics``). No topic is two of these. Each takes the message's ``Ack``: a turn
+holds it until its reply is out (agent.mqtt.acks).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agent.core.conversation import Conversation
+from agent.mqtt.acks import NO_ACK, Ack
+from agent.mqtt.chat import ChatDoor
+from agent.mqtt.control import Control
+from agent.mqtt.legacy import LegacyTopics
+from agent.mqtt.outbox import Outbox, Publish
+from agent.mqtt.plugin_host import PluginHost
+from agent.mqtt.topics import Topics
+from projects import ProjectSpec
+from projects.plugins import Plugin
+
+if TYPE_CHECKING:
+    from agent.service.config import AgentConfig
+
+
+class MqttDoor:
+    def __init__(self, config: AgentConfig, core: Conversation, projects: dict[str, ProjectSpec],
+                 topics: Topics, publish: Publish) -> None:
+        self.core = core
+        self.topics = topics
+        self.outbox = Outbox(topics, publish)
+        self.chat = ChatDoor(core, topics, self.outbox, config.max_payload_bytes)
+        self.plugins: dict[str, Plugin] = {}
+        self._own_topics: dict[str, tuple[Plugin, str]] = {}  # topic -> (plug-in, its name)
+        for project in config.projects:
+            module = projects[project].plugin
+            if module is None:
+                continue
+            host = PluginHost(project, self.chat, topics, self.outbox, core.metrics,
+                              config.max_payload_bytes, config.max_concurrent_sessions,
+                              config.session_timeout)
+            plugin = self.plugins[project] = module.make(host)
+            for name in module.requests:
+                self._own_topics[topics.base(project) + name] = (plugin, name)
+        self.control = Control(core.sessions, topics, config.max_payload_bytes, self.plugins)
+        self.legacy = LegacyTopics(config, self.chat, core.sessions, core.metrics, self.outbox,
+                                   topics) if config.legacy_topics else None
+
+    def on_message(self, topic: str, payload: bytes, properties: Any = None,
+                   ack: Ack = NO_ACK) -> None:
+        """``properties``: MQTT v5 ones (a chat request's Response Topic, Correlation Data);
+        ``ack``: held by the turn a request becomes, else sent as this returns."""
+        if self.topics.project_of(topic) is not None:
+            self.chat.handle_message(topic, payload, properties, ack)
+            return
+        if self.control.handle(topic, payload, ack):
+            return
+        own = self._own_topics.get(topic)
+        if own is not None:
+            plugin, name = own
+            plugin.handle(name, payload, ack)
+            return
+        if self.legacy is None or not self.legacy.handle(topic, payload, ack):
+            self.chat.handle_message(topic, payload, properties, ack)  # logs the stray topic
+
+    def publish(self, topic: str, payload: str, **options: Any) -> None:
+        self.outbox.publish(topic, payload, **options)

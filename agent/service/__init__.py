@@ -1,0 +1,1 @@
+"""The service: settings (one table), wiring, shutdown, systemd notify, Prometheus."""
