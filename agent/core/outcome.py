@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from engine.api import GenerationResult
 
@@ -14,8 +13,7 @@ SHUTTING_DOWN = "Error: the server is shutting down. Please try again later."
 RESET_REPLY = "OK: session reset"
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):  # a tuple: made once per request, cheaply
     """``text``: the reply, or the error's text (``Error: ...``); ``ok`` tells which.
     ``result``: the engine's result of the turn's last generation (None without one).
     ``admitted``: False for a request refused at admission (no turn was started)."""

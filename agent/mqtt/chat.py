@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -41,7 +40,7 @@ def shaped(shape: Shape | None, outcome: Outcome) -> str:
     except Exception:
         log.exception("shaping a reply failed")
     try:
-        return shape(replace(outcome, text=INTERNAL, ok=False))
+        return shape(outcome._replace(text=INTERNAL, ok=False))
     except Exception:
         return INTERNAL
 
@@ -74,11 +73,11 @@ class ChatDoor:
         """Hands a request (also one from another topic) to the core; ``shape`` makes the
         payload of its reply or error (None: the text itself, or the envelope if asked for).
         ``ack``: see handle_message."""
-        core = self.core
-        if shape is None and request.options.json:
+        core, options = self.core, request.options
+        if shape is None and options.json:
             shape = Envelope(request, core.settings.skip_thinking, core.prompt_opens_reasoning)
         stream = open_stream(request, self.topics, self.outbox, core.settings.skip_thinking,
-                             core.prompt_opens_reasoning)
+                             core.prompt_opens_reasoning) if options.stream else None
         if core.submit(request, partial(self._deliver, request, shape, stream), stream, ack):
             ack.hold()  # the turn acknowledges the request after its reply
 
