@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,13 @@ class Tokenizer:
             return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, **template_kwargs: Any) -> str:
+        """The conversation through the model's chat template; ``tools`` (OpenAI function
+        schemas) and ``template_kwargs`` (``enable_thinking``, ...) go to the template."""
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
+            **template_kwargs,
         )
 
     @functools.cached_property

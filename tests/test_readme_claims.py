@@ -100,10 +100,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     password.chmod(0o600)
     config = folder / "empty.yaml"
     config.write_text("{}\n")
+    keys = folder / "api-keys"
+    keys.write_text("first-key\nsecond-key\n")
     both = folder / "cert-and-key.pem"  # a client certificate with its key in the same file
     both.write_text(cert.read_text() + key.read_text())
     return {"ca": str(cert), "cert": str(cert), "key": str(key), "both": str(both),
-            "pw": str(password), "cfg": str(config)}
+            "pw": str(password), "cfg": str(config), "keys": str(keys)}
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,14 @@ SAMPLES: dict[str, Sample] = {
     "agent_id": Sample("box-1", "box-1"),
     "stats_interval": Sample("0", 0.0),
     "metrics_port": Sample("9400", 9400),
+    "http_port": Sample("8000", 8000),
+    "http_host": Sample("0.0.0.0", "0.0.0.0", ("--api_key", "k1")),
+    "served_model_name": Sample("qwen2.5-7b", "qwen2.5-7b"),
+    "api_key": Sample("k1", ("k1",)),
+    "api_key_file": Sample("{keys}", "{keys}"),
+    "http_ssl_certfile": Sample("{cert}", "{cert}"),
+    "http_ssl_keyfile": Sample("{key}", "{key}"),
+    "http_cors_origins": Sample("https://portal.lab.example", ("https://portal.lab.example",)),
     "config": Sample("{cfg}", "{cfg}"),
     "log_level": Sample("DEBUG", "DEBUG"),
     "debug_log": Sample("/var/log/vllm-deploy/debug_info.log",
@@ -207,7 +217,7 @@ def value_of_cell(cell: str, like: Any) -> Any:
     if isinstance(like, bool):
         return {"true": True, "false": False}[cell]
     if isinstance(like, tuple):
-        return tuple(cell.split())
+        return () if cell == "none" else tuple(cell.split())
     return type(like)(cell) if isinstance(like, (int, float)) else cell
 
 

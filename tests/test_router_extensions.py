@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from agent.core.errors import CODES
 from agent.core.outcome import OVERLOADED
 from agent.core.rate_limit import RATE_LIMITED
-from agent.mqtt.envelope import CODES
 from agent.mqtt.topics import Topics
 from agent.service.config import AgentConfig
 from projects import OutputRules, ProjectSpec

@@ -8,10 +8,10 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.core.reasoning import CLOSE, OPEN, split_completion
+from agent.core.reasoning import CLOSE, OPEN, AnswerFilter, split_completion
 from agent.mqtt.options import Options
 from agent.mqtt.protocol import ChatRequest
-from agent.mqtt.streaming import AnswerFilter, Stream
+from agent.mqtt.streaming import Stream
 from agent.mqtt.topics import Topics
 
 PIECES = [OPEN, CLOSE, "a", "b", " ", "\n", "<", "<th", "k>", "/", "é"]

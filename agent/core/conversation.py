@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -36,12 +37,14 @@ from agent.core.debug_log import debug_log
 from agent.core.dedupe import Deduper
 from agent.core.metrics import RequestMetrics
 from agent.core.outcome import (
+    CANCELLED,
     INTERNAL,
     OVERLOADED,
     RESET_REPLY,
     SHUTTING_DOWN,
     Deliver,
     DeltaSink,
+    GivenConversation,
     Outcome,
     TurnRequest,
 )
@@ -63,6 +66,8 @@ from engine.api import (
 from projects import ProjectSpec
 
 log = logging.getLogger(__name__)
+
+NO_DEFAULTS = ProjectSpec("", "")  # no generation defaults, no output rules
 
 # Prompts up to this many characters are built on the receiving thread (well under a
 # millisecond of tokenizing); longer ones on a worker, so that thread never stalls for long.
@@ -143,6 +148,40 @@ class Conversation:
         remembers it."""
         return self._deduper.seen((project, session_id, request_id))
 
+    def submit_given(self, request: GivenConversation, deliver: Deliver,
+                     stream: DeltaSink | None = None) -> Turn | None:
+        """Admits a conversation given whole (the HTTP door); its Outcome goes to ``deliver``
+        (a refusal at once, here: then None). The rate limit counts per ``client_id``. The
+        Turn returned is what ``cancel`` takes."""
+        if self.stopping:
+            self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN)
+            return None
+        if not self._limiter.allow((request.project, "#client", request.client_id or "")):
+            log.warning("rate limit hit by client %s of project %s", request.client_id,
+                        request.project)
+            self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED)
+            return None
+        seq, now = next(self._seq), self._clock()
+        request = replace(request, session_id=f"#given-{seq}")  # a lane of its own
+        turn = Turn(request, seq, now, deliver, stream)
+        if self.lanes.add(turn) is None:
+            log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
+            self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED)
+            return None
+        if self.stopping:
+            self.finish(turn, SHUTTING_DOWN)
+            return turn
+        log.debug("request %d accepted: a given conversation of project %s, client %s", seq,
+                  request.project, request.client_id)
+        self._watcher.add(now + self.settings.request_timeout, turn)
+        self._spawn(self._run, turn)
+        return turn
+
+    def cancel(self, turn: Turn) -> None:
+        """Ends ``turn`` (its client went away) and frees its place in the engine at once."""
+        if self.finish(turn, CANCELLED) and turn.engine_id:
+            self.engine.cancel(turn.engine_id)
+
     def refuse_new(self) -> None:
         """A graceful stop's first step: new requests get the shutting-down reply, the ones
         accepted before go on (``stop()`` answers whatever is left)."""
@@ -161,6 +200,16 @@ class Conversation:
     def prompt_opens_reasoning(self) -> bool:
         """Whether the chat template opens ``<think>`` itself (the reply starts in reasoning)."""
         return self.engine.tokenizer.opens_reasoning
+
+    @property
+    def chat_template(self) -> str:
+        """The model's chat template, for a front door that reads tool calls."""
+        return self._builder.chat_template
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the model's chat template renders tools (tool calling works)."""
+        return self._builder.renders_tools
 
     def stats(self) -> dict:
         return {"pending": self.lanes.pending, "output_rules": self._rules.counts()}
@@ -198,6 +247,9 @@ class Conversation:
         if turn.answered:
             return
         req, spec, settings = turn.request, self.projects[turn.request.project], self.settings
+        if isinstance(req, GivenConversation):
+            self._run_given(turn, req, spec if req.as_project else NO_DEFAULTS)
+            return
         if req.reset:
             self._reset(turn)
             return
@@ -236,6 +288,36 @@ class Conversation:
             metadata={"session_id": req.session_id, "client_id": req.client_id},
         ))
 
+    def _run_given(self, turn: Turn, req: GivenConversation, spec: ProjectSpec) -> None:
+        """A conversation given whole: its prompt as it is, ``max_tokens`` within what fits."""
+        settings = self.settings
+        try:
+            ids = self._builder.given(req.messages, req.prompt, req.tools, req.template_kwargs)
+        except ValueError as exc:
+            self.finish(turn, f"Error: {exc}")
+            return
+        room = min(self.engine.token_budget(req.project), self.engine.max_model_len)
+        if len(ids) >= room:
+            self.finish(turn, f"Error: the prompt is too long ({len(ids)} tokens; at most "
+                              f"{room - 1} fit with one to generate)")
+            return
+        max_tokens = min(req.max_tokens or spec.max_tokens or settings.max_tokens,
+                         settings.max_tokens, room - len(ids))
+        temperature = req.temperature if req.temperature is not None else spec.temperature
+        top_p = req.top_p if req.top_p is not None else spec.top_p
+        self._generate(turn, GenerationRequest(
+            request_id=f"{self._tag}-{turn.seq}",
+            prompt_token_ids=ids,
+            sampling=SamplingParams(
+                temperature=settings.temperature if temperature is None else temperature,
+                top_p=settings.top_p if top_p is None else top_p,
+                max_tokens=max_tokens, stop=req.stop, seed=req.seed),
+            on_done=partial(self._on_done, turn),
+            on_delta=turn.stream.feed if turn.stream is not None else None,
+            project=req.project,
+            metadata={"client_id": req.client_id},
+        ))
+
     def _generate(self, turn: Turn, generation: GenerationRequest) -> None:
         turn.engine_id, turn.generation = generation.request_id, generation
         outer, self._local.submitting = getattr(self._local, "submitting", None), turn
@@ -272,14 +354,22 @@ class Conversation:
         if turn.answered:  # timed out or shut down meanwhile: nothing to send, nothing to retry
             return
         turn.result = result
-        text, error = answer_of(result, self.settings.skip_thinking,
-                                self.engine.tokenizer.opens_reasoning)
+        given = turn.request if isinstance(turn.request, GivenConversation) else None
+        if given is not None and given.raw:
+            failed = result.finish_reason == "error" or result.error
+            text, error = result.text, (f"Error: {result.error or 'generation failed'}"
+                                        if failed else None)
+        else:
+            text, error = answer_of(result, self.settings.skip_thinking,
+                                    self.engine.tokenizer.opens_reasoning)
         if error is not None:
             if result.error:
                 log.warning("request %d: engine error: %s", turn.seq, result.error)
             self.finish(turn, error)
             return
         rules = self.projects[turn.request.project].output_rules
+        if given is not None and (given.raw or not given.as_project):
+            rules = None  # the model's own text
         if rules is not None and turn.generation is not None:
             reviewed = self._rules.review(turn.request.project, rules, text, turn.seq,
                                           not turn.retried)
@@ -290,7 +380,9 @@ class Conversation:
                 self._generate(turn, retry_request(turn.generation))
                 return
             text = reviewed
-        assert turn.history is not None
+        if turn.history is None:  # a conversation given whole: no session to record
+            self.finish(turn, text, ok=True)
+            return
         history = Session(turn.history.system_prompt,
                           turn.history.turns + [(turn.request.message, text)])
         if self.finish(turn, text, history):

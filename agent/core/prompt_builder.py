@@ -12,6 +12,7 @@ text itself comes from agent.core.chat_skeleton (no template render per prompt).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -182,6 +183,37 @@ class PromptBuilder:
             return self.heads.ids(system_prompt, turns, message)
         with self._lock:
             return self.tokenizer.apply_chat_template(to_messages(system_prompt, turns, message))
+
+    @functools.cached_property
+    def chat_template(self) -> str:
+        """The model's chat template (its text; "" without one)."""
+        template = getattr(self.tokenizer.hf, "chat_template", None)
+        return template if isinstance(template, str) else ""
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template writes the tools it is given into the prompt."""
+        probe = [{"role": "user", "content": "x"}]
+        tool = {"type": "function", "function": {"name": "probe_tool_7f3a", "description": "d",
+                                                 "parameters": {"type": "object"}}}
+        with self._lock:
+            try:
+                return "probe_tool_7f3a" in self.tokenizer.render_chat(probe, tools=[tool])
+            except Exception:  # a template that refuses tools
+                return False
+
+    def given(self, messages: list[dict] | None, prompt: str | None, tools: list[dict] | None,
+              template_kwargs: dict) -> list[int]:
+        """Token ids of a conversation given whole (the chat template with its tools), or of a
+        raw prompt; ValueError (its text for the client) if the template refuses them."""
+        with self._lock:
+            if messages is None:
+                return self.tokenizer.encode(prompt or "")
+            try:
+                return self.tokenizer.encode(self.tokenizer.render_chat(
+                    messages, tools=tools, **template_kwargs))
+            except Exception as exc:  # jinja2's TemplateError, or a template's raise_exception
+                raise ValueError(f"the model's chat template refused the messages: {exc}") from None
 
     def build(self, system_prompt: str, turns: list[Turn], message: str, limit: int) -> Prompt:
         ids = self._ids(system_prompt, turns, message)

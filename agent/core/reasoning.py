@@ -70,3 +70,60 @@ def answer_of(result: GenerationResult, skip_thinking: bool, prompt_opened: bool
     if reasoning and result.finish_reason == "length":
         return "", REASONING_CUT_OFF
     return "", EMPTY_ANSWER
+
+
+def _held_tail(text: str) -> int:
+    """Where the suffix of ``text`` that may begin a tag (``<``, ``</th``, ...) starts."""
+    start = text.rfind("<")
+    if start != -1 and len(text) - start < len(CLOSE):
+        tail = text[start:]
+        if OPEN.startswith(tail) or CLOSE.startswith(tail):
+            return start
+    return len(text)
+
+
+class AnswerFilter:
+    """Turns a completion's deltas into the deltas of its answer, reasoning left out."""
+
+    def __init__(self, skip_thinking: bool, prompt_opened: bool) -> None:
+        self.skip = skip_thinking
+        self.reasoning = skip_thinking and prompt_opened
+        self._buffer = ""
+        self._started = False  # some answer text went out (leading whitespace is dropped)
+
+    def feed(self, delta: str) -> str:
+        if not self.skip:
+            return delta
+        self._buffer += delta
+        out: list[str] = []
+        while True:
+            if self.reasoning:
+                end = self._buffer.find(CLOSE)
+                if end == -1:  # keep only what may begin "</think>"
+                    self._buffer = self._buffer[_held_tail(self._buffer):]
+                    break
+                self._buffer, self.reasoning = self._buffer[end + len(CLOSE):], False
+                continue
+            opened, closed = self._buffer.find(OPEN), self._buffer.find(CLOSE)
+            tags = [(i, tag) for i, tag in ((opened, OPEN), (closed, CLOSE)) if i != -1]
+            if not tags:
+                held = _held_tail(self._buffer)
+                out.append(self._buffer[:held])
+                self._buffer = self._buffer[held:]
+                break
+            i, tag = min(tags)
+            out.append(self._buffer[:i])
+            self._buffer = self._buffer[i + len(tag):]
+            self.reasoning = tag == OPEN  # a stray "</think>" is dropped, like in the reply
+        return self._emit("".join(out))
+
+    def flush(self) -> str:
+        """The held-back rest at the end (a partial tag is answer text after all)."""
+        rest, self._buffer = ("" if self.reasoning else self._buffer), ""
+        return self._emit(rest) if self.skip else rest
+
+    def _emit(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        return text

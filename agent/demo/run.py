@@ -173,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         tag = uuid.uuid4().hex[:8]
         prefix = f"vllm-deploy-demo-{tag}/"  # never collides with a real deployment
         log_path = workdir / "agent.log"
+        http_port = free_port()
         command = [sys.executable, str(ROOT / "vLLMDeploy.py"), "--projects", *projects,
                    "--model", model, "--device", "cpu", "--mqtt_broker", host,
                    "--mqtt_port", str(port), "--topic_prefix", prefix,
                    "--client_id", f"vllm-deploy-demo-{tag}", "--max_model_len", "1024",
-                   "--max_history_tokens", "512", "--max_tokens", str(args.max_tokens)]
+                   "--max_history_tokens", "512", "--max_tokens", str(args.max_tokens),
+                   "--http_port", str(http_port)]
         print(f"agent: vLLMDeploy.py --projects {' '.join(projects)} --device cpu "
               f"--topic_prefix {prefix} ...", flush=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_DEPLOY_")}
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             reply, seconds = client.ask(project, prompt, timeout=60)
             rows.append((project, prompt,
                          f"{seconds * 1000:.0f} ms" if reply is not None else "timeout", reply))
+        http = ask_over_http(http_port, projects[0], DEMO_PROMPTS.get(projects[0], DEFAULT_PROMPT),
+                             client.sampling)
+        rows.append((f"{projects[0]} (HTTP)", *http))
         print_table(rows)
         if args.random_model:
             print("\nThe model is a tiny one with random weights, sampled at temperature 2: its "
@@ -218,6 +223,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no reply for {', '.join(failed)} (agent log was printed above)")
         return 1
     return 0
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ask_over_http(port: int, project: str, prompt: str,
+                  sampling: dict) -> tuple[str, str, str | None]:
+    """The same agent over its OpenAI-compatible API, with the ``openai`` client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo",
+                           max_retries=0, timeout=60)
+    started = time.monotonic()
+    try:
+        reply = client.chat.completions.create(
+            model=project, messages=[{"role": "user", "content": prompt}],
+            temperature=sampling.get("temperature"), top_p=sampling.get("topP"))
+    except openai.OpenAIError as exc:
+        print(f"HTTP: {type(exc).__name__}: {exc}")
+        return prompt, "error", None
+    return prompt, f"{(time.monotonic() - started) * 1000:.0f} ms", reply.choices[0].message.content
 
 
 def pick_model(args: argparse.Namespace) -> str:

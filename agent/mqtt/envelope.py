@@ -28,42 +28,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agent.core.outcome import INTERNAL, OVERLOADED, SHUTTING_DOWN, Outcome
-from agent.core.rate_limit import RATE_LIMITED
-from agent.core.reasoning import EMPTY_ANSWER, REASONING_CUT_OFF, split_completion
+from agent.core.errors import BAD_REQUEST, INTERNAL_CODE, error_code
+from agent.core.outcome import Outcome
+from agent.core.reasoning import split_completion
 from agent.mqtt.options import wants_json
 from agent.mqtt.protocol import ChatRequest, ProtocolError
 from engine.api import GenerationResult
-
-BAD_REQUEST, RATE_LIMITED_CODE, OVERLOADED_CODE = "bad_request", "rate_limited", "overloaded"
-TOO_LONG, INTERNAL_CODE, SHUTTING_DOWN_CODE = "too_long", "internal", "shutting_down"
-CODES = (BAD_REQUEST, RATE_LIMITED_CODE, OVERLOADED_CODE, TOO_LONG, INTERNAL_CODE,
-         SHUTTING_DOWN_CODE)
-
-# Every error text the agent sends for a chat request -> its code. Texts not listed are the
-# engine's own failures (internal), or, for a request that failed validation, bad_request.
-_EXACT = {
-    RATE_LIMITED: RATE_LIMITED_CODE,
-    OVERLOADED: OVERLOADED_CODE,
-    SHUTTING_DOWN: SHUTTING_DOWN_CODE,
-    INTERNAL: INTERNAL_CODE,
-    REASONING_CUT_OFF: TOO_LONG,  # the answer did not fit maxTokens
-    EMPTY_ANSWER: INTERNAL_CODE,
-}
-_PREFIXES = (
-    ("Error: the message is too long", TOO_LONG),  # agent.core.prompt_builder.PromptTooLong
-    ("Error: maxTokens leaves no room", TOO_LONG),  # ... likewise
-    ("Error: the request is too large", TOO_LONG),  # over --max_payload_bytes
-    ("Error: no answer within", OVERLOADED_CODE),  # --request_timeout: busy, try again later
-)
-
-
-def error_code(text: str, default: str = INTERNAL_CODE) -> str:
-    """The envelope's ``error.code`` for the plain-text error reply ``text``."""
-    code = _EXACT.get(text)
-    if code is not None:
-        return code
-    return next((c for prefix, c in _PREFIXES if text.startswith(prefix)), default)
 
 
 def _ms(seconds: float) -> float:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from agent.core.conversation import build_conversation
 from agent.core.metrics import summary
 from agent.core.sessions import SessionStore
+from agent.http.auth import ApiKeys
+from agent.http.requests import ModelIds
 from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.client import MqttClient, MqttConnectError
 from agent.mqtt.door import MqttDoor
@@ -18,11 +21,14 @@ from agent.mqtt.topics import Topics
 from agent.service.checks import check_agent_config
 from agent.service.config import AgentConfig
 from agent.service.notifier import ServiceNotifier, status_text
-from agent.service.prometheus import AgentCollector, PrometheusEndpoint
+from agent.service.prometheus import AgentCollector, PrometheusEndpoint, exposition
 from agent.service.session_store import open_store
 from agent.service.shutdown import ShutdownSignals, drain
 from engine.api import EngineProtocol
 from projects import ProjectSpec, load_project
+
+if TYPE_CHECKING:
+    from agent.http.server import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,9 @@ class Agent:
         self.core = build_conversation(config.core_settings(), engine, self.projects,
                                        store if store is not None else open_store(config))
         self.door = MqttDoor(config, self.core, self.projects, self.topics, self.mqtt.publish)
-        self._init_status(info or AgentInfo(), [t for t, _ in subscriptions])
+        info = info or AgentInfo()
+        self._init_status(info, [t for t, _ in subscriptions])
+        self.http = self._http_server(info) if config.http_port is not None else None
         self._stop_requested = threading.Event()
         self._lock = threading.Lock()
         self._started = False
@@ -98,8 +106,28 @@ class Agent:
         self.mqtt.on_ready = self._on_subscribed
         labels = {"agent_id": self.agent_id, "model": info.model or "",
                   "quantization": info.quantization or "", "version": self.status.version}
+        self._collector = AgentCollector(self.core.metrics, self.metrics_summary, labels)
         self.prometheus = None if config.metrics_port is None else PrometheusEndpoint(
-            config.metrics_port, AgentCollector(self.core.metrics, self.metrics_summary, labels))
+            config.metrics_port, self._collector)
+
+    def _http_server(self, info: AgentInfo) -> HttpServer:
+        """The OpenAI-compatible door, on the same core (agent/http/)."""
+        from agent.http.app import build_app  # FastAPI and uvicorn only where asked for
+        from agent.http.door import HttpDoor
+        from agent.http.server import HttpServer
+
+        config = self.config
+        served = config.served_model_name or served_name(info.model)
+        door = HttpDoor(self.core, ModelIds(served, tuple(config.projects)),
+                        ApiKeys(config.api_key))
+        app = build_app(door, max_body_bytes=config.max_payload_bytes, healthy=self.healthy,
+                        metrics=exposition(self._collector), cors_origins=config.http_cors_origins)
+        return HttpServer(app, config.http_host, config.http_port or 0,
+                          config.http_ssl_certfile, config.http_ssl_keyfile)
+
+    def healthy(self) -> bool:
+        """Started (the model is loaded), not stopped, and the engine loop progresses."""
+        return self._started and not self._stopped and self.service.engine_alive()
 
     def _on_subscribed(self) -> None:
         """Each (re)connect, once subscribed (paho's thread): online status, then READY=1."""
@@ -144,6 +172,12 @@ class Agent:
             self.service.watch(self.engine, lambda: status_text(self.projects, self.metrics_summary()))
             self.service.start()
             self.core.start()
+            if self.http is not None:
+                try:
+                    self.http.start()
+                except ValueError:
+                    self.stop()
+                    raise
             self.status.start()
         try:
             self.mqtt.start(wait=wait, timeout=timeout)
@@ -163,6 +197,8 @@ class Agent:
         self.service.stopping()
         self.status.stop()
         self.core.stop()
+        if self.http is not None:
+            self.http.stop()
         if self.mqtt.ready:  # else the Will says offline (or we never were online)
             self.status.offline()
         self.mqtt.stop()
@@ -218,3 +254,9 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def served_name(model: str | None) -> str:
+    """The model's id in the HTTP API: the last part of its folder or hub id."""
+    name = (model or "").rstrip("/").rsplit("/", 1)[-1]
+    return name or "model"

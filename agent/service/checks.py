@@ -3,6 +3,8 @@ checked (``Settings.agent_config``) and when an agent is built, before the model
 
 from __future__ import annotations
 
+import ipaddress
+
 from agent.mqtt.share_group import share_group_problem
 from agent.mqtt.status import agent_id_problem, status_prefix_problem
 from agent.mqtt.tls import check_tls
@@ -21,3 +23,34 @@ def check_agent_config(config: AgentConfig) -> None:
         if problem:
             raise ValueError(problem)
     check_tls(config)  # certificate and key files readable and PEM
+    check_http(config)
+
+
+def check_http(config: AgentConfig) -> None:
+    """The HTTP API: a key wherever more than this machine can reach it; HTTPS files readable."""
+    if config.http_port is None:
+        return
+    if not config.api_key and not _loopback(config.http_host):
+        raise ValueError(f"--http_host {config.http_host} lets other machines reach the HTTP API: "
+                         "give --api_key (or --api_key_file), or listen on 127.0.0.1")
+    if (config.http_ssl_certfile is None) != (config.http_ssl_keyfile is None):
+        raise ValueError("--http_ssl_certfile and --http_ssl_keyfile go together")
+    for flag, path in (("--http_ssl_certfile", config.http_ssl_certfile),
+                       ("--http_ssl_keyfile", config.http_ssl_keyfile)):
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(64 * 1024)
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: cannot be read ({exc.strerror})") from None
+            if b"-----BEGIN " not in head:
+                raise ValueError(f"{flag} {path}: not a PEM file")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

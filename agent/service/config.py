@@ -59,6 +59,14 @@ class AgentConfig:
     agent_id: str | None = None  # None: the host name, made one topic level
     stats_interval: float = 60.0  # seconds between metrics messages / log lines; 0: none
     metrics_port: int | None = None  # Prometheus endpoint on this port; None: off
+    # the OpenAI-compatible HTTP API (agent/http/)
+    http_port: int | None = None  # None: off
+    http_host: str = "127.0.0.1"
+    served_model_name: str | None = None  # None: the model folder's or id's last part
+    api_key: tuple[str, ...] = field(default=(), repr=False)  # Bearer keys; (): none asked
+    http_ssl_certfile: str | None = None
+    http_ssl_keyfile: str | None = None
+    http_cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.projects:
@@ -82,6 +90,8 @@ class AgentConfig:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
         validate_project_name(self.legacy_project)
         validate_project_name(self.legacy_driving_project)
 

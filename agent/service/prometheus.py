@@ -87,6 +87,18 @@ class AgentCollector:
         yield rules
 
 
+def exposition(collector: AgentCollector) -> Callable[[], tuple[bytes, str]] | None:
+    """What GET /metrics of the HTTP API serves (body, content type); None without
+    prometheus-client."""
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    except ImportError:
+        return None
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
+
+
 class PrometheusEndpoint:
     """An HTTP server on ``port`` (0: any free one) serving ``/metrics``."""
 

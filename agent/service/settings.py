@@ -79,6 +79,8 @@ def build_parser(prog: str = "vLLMDeploy.py") -> argparse.ArgumentParser:
                                const=False, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         elif flag.kind == "list":
             group.add_argument(*flag.options, nargs="+", metavar=flag.metavar, **kw)
+        elif flag.kind == "strs":
+            group.add_argument(*flag.options, action="append", metavar=flag.metavar, **kw)
         else:
             metavar = ("{" + ",".join(flag.choices) + "}" if flag.choices else flag.metavar
                        or {"int": "N", "float": "NUM"}.get(flag.kind, "TEXT"))
@@ -182,6 +184,21 @@ def _read_password_file(values: dict[str, Any], sources: dict[str, str], notes: 
     sources["mqtt_password"] = sources["mqtt_password_file"]
 
 
+def _read_api_key_file(values: dict[str, Any]) -> None:
+    path = values["api_key_file"]
+    if path is None:
+        return
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"--api_key_file {path} cannot be read: "
+                            f"{exc.strerror if isinstance(exc, OSError) else exc}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    if not keys:
+        raise SettingsError(f"--api_key_file {path} holds no key (one a line)")
+    values["api_key"] = tuple(dict.fromkeys((*values["api_key"], *keys)))
+
+
 def _pick(flag: Flag, given: Mapping[str, Any], environ: Mapping[str, str],
           from_yaml: Mapping[str, Any], config: str | None) -> tuple[Any, str]:
     """One flag's value and its level; an empty environment variable counts as unset."""
@@ -210,6 +227,7 @@ def parse_settings(argv: Sequence[str] | None = None,
         notes.append("the MQTT password was given on the command line, where any user can read "
                      "it in `ps`; use --mqtt_password_file or VLLM_DEPLOY_MQTT_PASSWORD instead")
     _read_password_file(values, sources, notes)
+    _read_api_key_file(values)
     _reject_not_yet_supported(values)
     settings = Settings(MappingProxyType(values), MappingProxyType(sources), tuple(notes))
     try:

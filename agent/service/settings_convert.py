@@ -49,6 +49,16 @@ def convert(flag: Flag, raw: Any, source: str) -> Any:
         if value is None:
             raise fail(f"must be true or false (also 1/0, yes/no), got {raw!r}")
         return value
+    if flag.kind == "strs":
+        if text is not None:  # the environment's: separated by commas
+            items = text.split(",") if source.startswith("environment") else [text]
+        else:
+            items = raw
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise fail(f"must be texts, got {type(raw).__name__}")
+        if len(items) == 1 and items[0].strip().lower() in _NONE:
+            return ()
+        return tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
     if flag.kind == "list":
         items = [raw] if text is not None else raw
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):

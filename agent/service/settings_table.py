@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ENV_PREFIX = "VLLM_DEPLOY_"
-KINDS = ("str", "int", "float", "bool", "list")
+KINDS = ("str", "int", "float", "bool", "list", "strs")
 TARGETS = ("engine", "agent", "launcher")
 README_BEGIN, README_END = "<!-- flag-table:begin -->", "<!-- flag-table:end -->"
 
@@ -20,7 +20,8 @@ README_BEGIN, README_END = "<!-- flag-table:begin -->", "<!-- flag-table:end -->
 @dataclass(frozen=True)
 class Flag:
     name: str  # underscore spelling; "--name" and "--name-with-dashes" both work
-    kind: str  # one of KINDS; "list" is a space- or comma-separated list of names
+    kind: str  # one of KINDS; "list": names separated by spaces or commas; "strs": texts
+    # (repeat the flag, or separate them by commas in the environment)
     default: Any
     help: str
     target: str  # engine (EngineConfig), agent (AgentConfig) or launcher (vLLMDeploy.py)
@@ -236,6 +237,31 @@ FLAGS: tuple[Flag, ...] = (
        "serve Prometheus metrics on http://0.0.0.0:PORT/metrics (needs `pip install "
        "prometheus-client`); 0: any free port (logged); unset: off", optional=True, minimum=0,
        maximum=65535, metavar="PORT"),
+    # the OpenAI-compatible HTTP API
+    _f("http_port", "int", None, "agent", "OpenAI-compatible HTTP API",
+       "serve the OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, "
+       "/health, /metrics) on this port; 0: any free port (logged); unset: off",
+       optional=True, minimum=0, maximum=65535, metavar="PORT"),
+    _f("http_host", "str", "127.0.0.1", "agent", "OpenAI-compatible HTTP API",
+       "address the HTTP API listens on; another than a loopback one needs --api_key",
+       metavar="HOST"),
+    _f("served_model_name", "str", None, "agent", "OpenAI-compatible HTTP API",
+       "the model's id in the HTTP API; unset: the last part of --model", optional=True,
+       metavar="NAME"),
+    _f("api_key", "strs", (), "agent", "OpenAI-compatible HTTP API",
+       "key an HTTP client must send as `Authorization: Bearer KEY`; repeat the flag for "
+       "several (the environment: separated by commas); none: no key asked (loopback only)",
+       secret=True, metavar="KEY"),
+    _f("api_key_file", "str", None, "launcher", "OpenAI-compatible HTTP API",
+       "file of API keys, one a line (added to --api_key)", optional=True, metavar="FILE"),
+    _f("http_ssl_certfile", "str", None, "agent", "OpenAI-compatible HTTP API",
+       "certificate (PEM) to serve HTTPS with; its key in --http_ssl_keyfile", optional=True,
+       metavar="FILE"),
+    _f("http_ssl_keyfile", "str", None, "agent", "OpenAI-compatible HTTP API",
+       "private key (PEM) of --http_ssl_certfile", optional=True, metavar="FILE"),
+    _f("http_cors_origins", "strs", (), "agent", "OpenAI-compatible HTTP API",
+       "origins browsers may call the HTTP API from (e.g. https://portal.lab.example); repeat "
+       "the flag for several; none: no cross-origin calls", metavar="ORIGIN"),
     # launcher
     _f("config", "str", None, "launcher", L,
        "YAML file of settings (keys are flag names); command line > environment > YAML "
@@ -260,8 +286,8 @@ def format_default(flag: Flag) -> str:
         return "unset"
     if flag.kind == "bool":
         return "true" if value else "false"
-    if flag.kind == "list":
-        return " ".join(value)
+    if flag.kind in ("list", "strs"):
+        return " ".join(value) if value else "none"
     return '""' if value == "" else str(value)
 
 
