@@ -26,18 +26,8 @@ pip_logged "$TORCH_PIN" \
     && pip_logged --no-deps "$AUTOAWQ_PIN" \
     || { setup_failed "install the newest releases" "see pip's lines above; the lock is unchanged"; exit 1; }
 ensure_redis || { setup_failed "redis" "start a Redis on 127.0.0.1:6379"; exit 1; }
-"$VENV/bin/python" -m pip freeze | sed 's/^/    /' >&2
 
-say "[2/4] the whole test suite with them"
-status=0
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider || status=$?
-[ "$status" = 0 ] || { setup_failed "the test suite (pytest exit $status)" \
-    "these releases break something: fix the code, or bound the range in requirements*.txt with a reason; the lock is unchanged"; exit 1; }
-
-say "[3/4] the demo with them"
-"$VENV/bin/python" -m agent.demo || { setup_failed "the demo" "see above; the lock is unchanged"; exit 1; }
-
-say "[4/4] writing requirements-lock.txt"
+say "[2/4] the candidate lock, requirements-lock.txt, from them (the old one is put back on failure)"
 new="$TRY/requirements-lock.txt"
 {
     echo "# Exact versions of every package the set-up installs (transitive ones included), written by"
@@ -49,8 +39,23 @@ new="$TRY/requirements-lock.txt"
     "$VENV/bin/python" -m pip freeze | sed -E 's/^(torch==[^+]+)\+.*$/\1/' | LC_ALL=C sort -f
 } > "$new"
 if [ -f requirements-lock.txt ]; then
+    cp requirements-lock.txt "$TRY/old-lock.txt"
     diff <(grep -v '^#' requirements-lock.txt) <(grep -v '^#' "$new") | sed -n 's/^[<>] /    &/p' >&2 \
         || true
 fi
-mv "$new" requirements-lock.txt
+cp "$new" requirements-lock.txt
+put_back() {
+    if [ -f "$TRY/old-lock.txt" ]; then cp "$TRY/old-lock.txt" requirements-lock.txt
+    else rm -f requirements-lock.txt; fi
+}
+
+say "[3/4] the whole test suite with them"
+status=0
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider || status=$?
+[ "$status" = 0 ] || { put_back; setup_failed "the test suite (pytest exit $status)" \
+    "these releases break something: fix the code, or bound the range in requirements*.txt with a reason; the lock is unchanged"; exit 1; }
+
+say "[4/4] the demo with them"
+"$VENV/bin/python" -m agent.demo || { put_back; setup_failed "the demo" "see above; the lock is unchanged"; exit 1; }
+
 say "requirements-lock.txt rewritten ($((SECONDS - started)) s); commit it"

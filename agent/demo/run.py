@@ -225,12 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ask_over_http(port: int, project: str, prompt: str,
                   sampling: dict) -> tuple[str, str, str | None]:
     """The same agent over its OpenAI-compatible API, with the ``openai`` client."""
