@@ -89,3 +89,10 @@ def test_no_import_circles_in_agent() -> None:
     for module in graph:
         if module not in state:
             visit(module, [module])
+
+
+def test_a_front_door_never_reaches_into_another() -> None:
+    for door, other in (("mqtt", "agent.http"), ("http", "agent.mqtt")):
+        for path in (AGENT / door).rglob("*.py"):
+            reached = {m for m in imports_within_agent(path) if m.startswith(other)}
+            assert not reached, f"{path.relative_to(ROOT)} imports {reached}"

@@ -135,12 +135,12 @@ def test_setup_refuses_a_requirement_the_lock_does_not_pin(tmp_path: Path) -> No
     fix, and nothing installed."""
     repo, calls = repo_copy(tmp_path / "repo"), tmp_path / "calls"
     with (repo / "requirements.txt").open("a") as f:
-        f.write("fastapi>=0.110\n")
+        f.write("a-package-nobody-locked>=0.110\n")
     result = ensure_venv_in(repo, fake_venv(tmp_path / "venv", calls))
     assert result.returncode != 0 and pip_calls(calls) == []
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('setup: FAILED at step "check the lock": ')
-    assert "fastapi" in last and "scripts/refresh_lock.sh" in last
+    assert "a-package-nobody-locked" in last and "scripts/refresh_lock.sh" in last
 
 
 def test_a_failed_install_ends_with_one_line_naming_the_step_and_the_fix(
