@@ -50,6 +50,15 @@ def test_no_name_of_ours_is_an_installed_distributions_package() -> None:
         "(an import from the repository root gets ours instead of theirs)")
 
 
+def test_no_name_of_ours_is_a_standard_library_module() -> None:
+    """The same for Python's own modules: ``bench/http.py`` run as a script would be imported
+    as ``http`` by everything that needs the standard library's (urllib, the openai client)."""
+    found = [f"{folder.relative_to(ROOT)}/{name}" for folder in (ROOT, *(ROOT / n for n in
+             SCRIPT_FOLDERS)) for name in sorted(importable_names(folder))
+             if name in sys.stdlib_module_names]
+    assert not found, f"names of ours that are standard library modules: {found}"
+
+
 def test_the_guard_sees_a_root_folder_named_like_an_installed_package(tmp_path: Path) -> None:
     """The check itself can fail: a root with a folder named like an installed
     distribution's package (pytest's own; and `kernels`, the one that bit us)."""

@@ -1,7 +1,7 @@
 """The HTTP door against the MQTT door, on one agent process and one engine, in the same run.
 
-    python bench/http.py                        # 1, 8 and 32 streaming clients, 2 x 8 s each
-    python bench/http.py --clients 1,8 --seconds 5
+    python bench/http_door.py                        # 1, 8 and 32 streaming clients, 2 x 8 s each
+    python bench/http_door.py --clients 1,8 --seconds 5
 
 One ``vLLMDeploy.py`` serves the tiny demo model on the CPU (the model the demo trains; a
 real engine, paged KV cache, prefix cache) to both doors: a private Mosquitto for MQTT and
@@ -110,6 +110,7 @@ def mqtt_client(broker_port: int, stop_at: float, out: list[tuple[float, float]]
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{me}",
                          protocol=mqtt.MQTTv5)
     client.on_message = on_message
+    client.on_socket_open = _no_delay  # as the agent's own connection does (and bench/agent.py)
     client.connect("127.0.0.1", broker_port)
     client.loop_start()
     client.subscribe([(reply_topic, 1), (reply_topic + "/stream", 0)])
@@ -129,6 +130,10 @@ def mqtt_client(broker_port: int, stop_at: float, out: list[tuple[float, float]]
         out.append((events.get("first", events["done"]) - started, events["done"] - started))
     client.loop_stop()
     client.disconnect()
+
+
+def _no_delay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def run(kind: str, n: int, seconds: float, port: int, broker_port: int) -> list[tuple[float, float]]:
