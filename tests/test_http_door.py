@@ -289,9 +289,30 @@ def test_health_metrics_and_shutdown(make) -> None:
     h = make(FakeEngine(delay=0.5))
     assert h.raw("GET", "/health") == (200, {"status": "ok"})
     ask(h)
+    with pytest.raises(openai.BadRequestError):
+        ask(h, temperature=5)
     with urllib.request.urlopen(h.url + "/metrics") as response:
-        assert b'vllm_deploy_requests_total{outcome="ok",project="general"} 1.0' in response.read()
+        text = response.read()
+    for line in (b'vllm_deploy_requests_total{outcome="ok",project="general"} 1.0',
+                 b'vllm_deploy_door_requests_total{door="http",outcome="ok"} 1.0',
+                 b'vllm_deploy_door_requests_total{door="http",outcome="bad_request"} 1.0'):
+        assert line in text, line
     h.agent.core.refuse_new()
     with pytest.raises(openai.APIStatusError) as stopping:
         ask(h)
     assert stopping.value.status_code == 503 and "shutting down" in stopping.value.message
+
+
+def test_a_stream_in_flight_at_shutdown_ends_with_an_error_event(make) -> None:
+    h = make(FakeEngine(delay=30.0))
+    request = urllib.request.Request(
+        h.url + "/v1/chat/completions", json.dumps(
+            {"model": "general", "stream": True,
+             "messages": [{"role": "user", "content": "long"}]}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.readline().startswith(b"data: ")  # the role chunk
+        h.agent.core.stop()  # what Agent.stop does with the turns still in flight
+        events = [line for line in response.read().split(b"\n") if line.startswith(b"data: ")]
+    error = json.loads(events[0][6:])["error"]
+    assert error["code"] == "shutting_down" and events[-1] == b"data: [DONE]"

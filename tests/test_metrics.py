@@ -44,13 +44,13 @@ class Clock:
 def test_counts_latency_window_and_histogram() -> None:
     clock = Clock()
     m = RequestMetrics(clock, window_s=10.0)
-    m.answered("maze", True, 0.2)
+    m.answered("maze", True, 0.2, door="mqtt")
     clock.now += 20  # the first reply leaves the latency window, not the counters
     for latency in (0.01, 0.02, 0.03, 0.04, 1.0):
-        m.answered("maze", True, latency)
-    m.answered("general", False, 3.0)
-    m.rejected("maze", "rate_limited")
-    m.rejected("maze", "bad_request")
+        m.answered("maze", True, latency, door="mqtt")
+    m.answered("general", False, 3.0, door="mqtt")
+    m.rejected("maze", "rate_limited", door="mqtt")
+    m.rejected("maze", "bad_request", door="mqtt")
     assert m.counts()["maze"] == {"ok": 6, "error": 0, "bad_request": 1, "rate_limited": 1,
                                   "overloaded": 0, "shutting_down": 0}
     assert sorted(m.latencies()) == [0.01, 0.02, 0.03, 0.04, 1.0, 3.0]
@@ -59,7 +59,7 @@ def test_counts_latency_window_and_histogram() -> None:
     assert dict(buckets)[0.05] == 4 and dict(buckets)[0.25] == 5 and total == pytest.approx(4.3)
     assert m.uptime() == 20.0
     with pytest.raises(AssertionError):
-        m.rejected("maze", "nonsense")
+        m.rejected("maze", "nonsense", door="mqtt")
 
 
 def test_percentile_nearest_rank() -> None:
@@ -72,10 +72,10 @@ def test_percentile_nearest_rank() -> None:
 def test_summary_and_log_line() -> None:
     clock = Clock()
     m = RequestMetrics(clock)
-    m.answered("maze", True, 0.1)
-    m.answered("maze", True, 0.3)
-    m.answered("maze", False, 0.5)
-    m.rejected("general", "overloaded")
+    m.answered("maze", True, 0.1, door="mqtt")
+    m.answered("maze", True, 0.3, door="mqtt")
+    m.answered("maze", False, 0.5, door="mqtt")
+    m.rejected("general", "overloaded", door="mqtt")
     s = summary(m, 4, ENGINE, {"driving": {"regenerated": 2, "repaired": 1}})
     assert (s["processed"], s["errors"], s["rejected"], s["queueSize"]) == (2, 1, 1, 4)
     assert s["rejectedBy"] == {"bad_request": 0, "rate_limited": 0, "overloaded": 1,
@@ -199,8 +199,8 @@ def test_prometheus_collector() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     m = RequestMetrics()
-    m.answered("maze", True, 0.2)
-    m.rejected("maze", "rate_limited")
+    m.answered("maze", True, 0.2, door="mqtt")
+    m.rejected("maze", "rate_limited", door="mqtt")
     registry = CollectorRegistry(auto_describe=False)
     rules = {"driving": {"regenerated": 1, "repaired": 0}}
     registry.register(AgentCollector(m, lambda: summary(m, 3, ENGINE, rules),  # type: ignore[arg-type]

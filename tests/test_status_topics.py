@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,10 +214,15 @@ def test_prometheus_endpoint_serves_the_counters(
         text = response.read().decode()
     for line in ('vllm_deploy_requests_total{outcome="ok",project="maze"} 1.0',
                  'vllm_deploy_requests_total{outcome="bad_request",project="maze"} 1.0',
+                 'vllm_deploy_door_requests_total{door="mqtt",outcome="ok"} 1.0',
                  "vllm_deploy_latency_seconds_count 1.0", "vllm_deploy_queue_size 0.0",
                  f'agent_id="{agent.agent_id}"'):
         assert line in text, line
     assert "vllm_deploy_tokens_per_second" in text and "vllm_deploy_uptime_seconds" in text
+    for path in ("/", "/v1/models", "/metricsx"):  # this port serves /metrics alone
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+        assert missing.value.code == 404
 
 
 def test_the_agent_never_subscribes_to_status_topics(make_agent: Callable[..., Agent]) -> None:

@@ -108,10 +108,11 @@ class Conversation:
         self._watcher.start()
 
     def submit(self, request: TurnRequest, deliver: Deliver, stream: DeltaSink | None = None,
-               on_sent: OnSent | None = None) -> bool:
+               on_sent: OnSent | None = None, *, door: str) -> bool:
         """Admits ``request``; its one Outcome goes to ``deliver`` (a refusal at once, here).
         ``on_sent`` is called after that delivery; True: the turn holds it (it is called
-        later, maybe on another thread), False: the caller may call it as this returns."""
+        later, maybe on another thread), False: the caller may call it as this returns.
+        ``door``: the front door's name, for the metrics."""
         key = (request.project, request.session_id)
         if request.request_id and self._deduper.seen(key + (request.request_id,)):
             # Delivered again (MQTT QoS 1 after a reconnect) while still being answered: its
@@ -120,17 +121,17 @@ class Conversation:
             log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
             return held
         if self.stopping:
-            return self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN)
+            return self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN, door)
         if not self._limiter.allow(key):
             log.warning("rate limit hit by session %s/%s", *key)
-            return self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED)
+            return self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED, door)
         now = self._clock()
-        turn = Turn(request, next(self._seq), now, deliver, stream,
+        turn = Turn(request, next(self._seq), now, deliver, door, stream,
                     on_sent=[] if on_sent is None else [on_sent])
         first = self.lanes.add(turn)
         if first is None:
             log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
-            return self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED)
+            return self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED, door)
         if self.stopping:  # stop() may have listed the pending turns before this one came
             self.finish(turn, SHUTTING_DOWN)
             return True
@@ -149,24 +150,24 @@ class Conversation:
         return self._deduper.seen((project, session_id, request_id))
 
     def submit_given(self, request: GivenConversation, deliver: Deliver,
-                     stream: DeltaSink | None = None) -> Turn | None:
+                     stream: DeltaSink | None = None, *, door: str) -> Turn | None:
         """Admits a conversation given whole (the HTTP door); its Outcome goes to ``deliver``
         (a refusal at once, here: then None). The rate limit counts per ``client_id``. The
         Turn returned is what ``cancel`` takes."""
         if self.stopping:
-            self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN)
+            self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN, door)
             return None
         if not self._limiter.allow((request.project, "#client", request.client_id or "")):
             log.warning("rate limit hit by client %s of project %s", request.client_id,
                         request.project)
-            self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED)
+            self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED, door)
             return None
         seq, now = next(self._seq), self._clock()
         request = replace(request, session_id=f"#given-{seq}")  # a lane of its own
-        turn = Turn(request, seq, now, deliver, stream)
+        turn = Turn(request, seq, now, deliver, door, stream)
         if self.lanes.add(turn) is None:
             log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
-            self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED)
+            self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED, door)
             return None
         if self.stopping:
             self.finish(turn, SHUTTING_DOWN)
@@ -216,8 +217,9 @@ class Conversation:
 
     # ---- admission ----
 
-    def _refuse(self, request: TurnRequest, deliver: Deliver, text: str, reason: str) -> bool:
-        self.metrics.rejected(request.project, reason)
+    def _refuse(self, request: TurnRequest, deliver: Deliver, text: str, reason: str,
+                door: str) -> bool:
+        self.metrics.rejected(request.project, reason, door=door)
         _safely(deliver, Outcome(text, False, admitted=False))
         return False
 
@@ -408,7 +410,8 @@ class Conversation:
         _safely(turn.deliver, Outcome(text, ok, turn.result))
         for on_sent in self.lanes.take_on_sent(turn):
             on_sent()
-        self.metrics.answered(turn.request.project, ok, self._clock() - turn.accepted_at)
+        self.metrics.answered(turn.request.project, ok, self._clock() - turn.accepted_at,
+                              door=turn.door)
         following = self.lanes.advance(turn)
         if following is not None:
             self._spawn(self._run, following)

@@ -46,38 +46,46 @@ class RequestMetrics:
         self.window_s = window_s
         self._lock = threading.Lock()
         self._counts: dict[str, dict[str, int]] = {}  # project -> outcome -> count
+        self._doors: dict[str, dict[str, int]] = {}  # front door -> outcome -> count
         self._recent: deque[tuple[float, float]] = deque(maxlen=max_samples)  # (at, latency)
         self._buckets = [0] * len(LATENCY_BUCKETS)  # not cumulative; summed in histogram()
         self._latency_sum = 0.0
         self.started = clock()
 
-    def rejected(self, project: str, reason: str) -> None:
+    def rejected(self, project: str | None, reason: str, *, door: str) -> None:
+        """A request refused before a turn started; ``project`` None: it named none known
+        (counted for its front door only)."""
         assert reason in REJECTIONS, reason
-        self._count(project, reason)
+        with self._lock:
+            self._count_locked(project, reason, door)
 
-    def answered(self, project: str, ok: bool, latency: float) -> None:
+    def answered(self, project: str, ok: bool, latency: float, *, door: str) -> None:
         """An admitted request got its one reply (``ok``) or error, ``latency`` s after admission."""
         latency = max(0.0, latency)
         with self._lock:
             self._recent.append((self._clock(), latency))
             self._buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
             self._latency_sum += latency
-            self._count_locked(project, OK if ok else ERROR)
+            self._count_locked(project, OK if ok else ERROR, door)
 
-    def _count(self, project: str, outcome: str) -> None:
-        with self._lock:
-            self._count_locked(project, outcome)
-
-    def _count_locked(self, project: str, outcome: str) -> None:
-        counts = self._counts.get(project)
-        if counts is None:
-            counts = self._counts[project] = dict.fromkeys(OUTCOMES, 0)
-        counts[outcome] += 1
+    def _count_locked(self, project: str | None, outcome: str, door: str) -> None:
+        for table, key in ((self._counts, project), (self._doors, door)):
+            if key is None:
+                continue
+            counts = table.get(key)
+            if counts is None:
+                counts = table[key] = dict.fromkeys(OUTCOMES, 0)
+            counts[outcome] += 1
 
     def counts(self) -> dict[str, dict[str, int]]:
         """project -> outcome -> count, since start."""
         with self._lock:
             return {p: dict(c) for p, c in self._counts.items()}
+
+    def by_door(self) -> dict[str, dict[str, int]]:
+        """front door (mqtt, http) -> outcome -> count, since start."""
+        with self._lock:
+            return {d: dict(c) for d, c in self._doors.items()}
 
     def latencies(self) -> list[float]:
         """Latencies (s) of the replies of the recent window."""
@@ -130,6 +138,9 @@ def summary(
         },
         "byProject": {p: {"processed": c[OK], "errors": c[ERROR],
                           "rejected": sum(c[r] for r in REJECTIONS)} for p, c in counts.items()},
+        "byDoor": {d: {"processed": c[OK], "errors": c[ERROR],
+                       "rejected": sum(c[r] for r in REJECTIONS)}
+                   for d, c in metrics.by_door().items()},
         "outputRules": {p: dict(c) for p, c in output_rules.items()},
     }
 

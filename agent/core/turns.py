@@ -20,6 +20,7 @@ class Turn:
     seq: int
     accepted_at: float
     deliver: Deliver  # the front door's: called once, with the turn's Outcome
+    door: str  # the front door's name (metrics)
     stream: DeltaSink | None = None  # text deltas, if the front door asked for them
     engine_id: str | None = None
     answered: bool = False

@@ -64,7 +64,7 @@ def build_app(door: HttpDoor, *, max_body_bytes: int, healthy: Callable[[], bool
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         client(request)
-        door.models.resolve(model_id)  # 404 for an unknown one
+        door.models.resolve(model_id)  # 404 for an unknown one (a lookup, not a request)
         return model_card(model_id)
 
     @app.post("/v1/chat/completions")
@@ -105,9 +105,11 @@ def build_app(door: HttpDoor, *, max_body_bytes: int, healthy: Callable[[], bool
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
+            door.refused()
             raise bad_request("the request body is not JSON") from None
 
     def too_large(size: int) -> ApiError:
+        door.refused()
         return ApiError(413, f"the request is too large ({size} bytes; the limit is "
                         f"{max_body_bytes} bytes)", "invalid_request_error", "too_long")
 

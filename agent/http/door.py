@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from agent.core.conversation import Conversation
+from agent.core.metrics import BAD_REQUEST
 from agent.core.outcome import Outcome
 from agent.core.reasoning import EMPTY_ANSWER, REASONING_CUT_OFF, AnswerFilter, split_completion
 from agent.core.turns import Turn
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Disconnected = Callable[[], Awaitable[bool]]
 POLL_S = 0.25  # how often a waiting (not streamed) request looks for its client
+DOOR = "http"  # this front door's name in the metrics
 
 
 class _Sink:
@@ -52,18 +54,34 @@ class HttpDoor:
     # ---- the routes' calls ----
 
     def client(self, authorization: str | None, address: str) -> str:
-        return self.keys.client(authorization, address)
+        try:
+            return self.keys.client(authorization, address)
+        except ApiError:
+            self.refused()
+            raise
 
     async def chat(self, body: Any, client: str, disconnected: Disconnected
                    ) -> dict[str, Any] | AsyncIterator[str]:
-        call = parse_chat(body, self.models, self.core.sessions.default_prompt, client)
-        parser = self._tool_parser(call)
+        try:
+            call = parse_chat(body, self.models, self.core.sessions.default_prompt, client)
+            parser = self._tool_parser(call)
+        except ApiError:
+            self.refused()
+            raise
         return await self._serve(call, disconnected, chat=True, parser=parser)
 
     async def completion(self, body: Any, client: str, disconnected: Disconnected
                          ) -> dict[str, Any] | AsyncIterator[str]:
-        call = parse_completion(body, self.models, client)
+        try:
+            call = parse_completion(body, self.models, client)
+        except ApiError:
+            self.refused()
+            raise
         return await self._serve(call, disconnected, chat=False, parser=None)
+
+    def refused(self) -> None:
+        """Counts a request the door refused itself (bad field, unknown model, key, size)."""
+        self.core.metrics.rejected(None, BAD_REQUEST, door=DOOR)
 
     def _tool_parser(self, call: Call) -> str | None:
         if not call.conversation.tools:
@@ -82,7 +100,7 @@ class HttpDoor:
         turn = self.core.submit_given(
             call.conversation,
             lambda outcome: loop.call_soon_threadsafe(queue.put_nowait, ("done", outcome)),
-            _Sink(loop, queue) if incremental else None)
+            _Sink(loop, queue) if incremental else None, door=DOOR)
         if turn is None:  # refused at admission: its outcome is on its way into the queue
             _, outcome = await queue.get()
             raise from_core(outcome.text)

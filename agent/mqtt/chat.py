@@ -29,6 +29,7 @@ from agent.mqtt.v5 import apply_v5, apply_v5_to_error
 log = logging.getLogger(__name__)
 
 Shape = Callable[[Outcome], str]  # a request's outcome -> the payload to publish
+DOOR = "mqtt"  # this front door's name in the metrics
 
 
 def shaped(shape: Shape | None, outcome: Outcome) -> str:
@@ -78,7 +79,8 @@ class ChatDoor:
             shape = Envelope(request, core.settings.skip_thinking, core.prompt_opens_reasoning)
         stream = open_stream(request, self.topics, self.outbox, core.settings.skip_thinking,
                              core.prompt_opens_reasoning) if options.stream else None
-        if core.submit(request, partial(self._deliver, request, shape, stream), stream, ack):
+        if core.submit(request, partial(self._deliver, request, shape, stream), stream, ack,
+                       door=DOOR):
             ack.hold()  # the turn acknowledges the request after its reply
 
     def reject(self, err: ProtocolError) -> None:
@@ -86,7 +88,7 @@ class ChatDoor:
         if err.session_id and err.request_id and self.core.is_repeat(
                 err.project, err.session_id, err.request_id):
             return
-        self.core.metrics.rejected(err.project, BAD_REQUEST)
+        self.core.metrics.rejected(err.project, BAD_REQUEST, door=DOOR)
         if err.reply_topic is None:
             log.warning("bad request for project %s and no reply topic: %s", err.project, err.reply)
             return

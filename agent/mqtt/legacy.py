@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from agent.core.metrics import BAD_REQUEST, RequestMetrics
 from agent.core.session_access import SessionAccess
 from agent.mqtt.acks import NO_ACK, Ack
-from agent.mqtt.chat import ChatDoor
+from agent.mqtt.chat import DOOR, ChatDoor
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.protocol import ChatRequest, session_id_problem
 from agent.mqtt.topics import LEGACY_CHAT, LEGACY_SESSION, LEGACY_SESSION_REPLY, Topics
@@ -75,7 +75,7 @@ class LegacyTopics:
             return
         reply_topic = reply_prefix + sid
         if len(payload) > self.max_payload_bytes:
-            self.metrics.rejected(project, BAD_REQUEST)
+            self.metrics.rejected(project, BAD_REQUEST, door=DOOR)
             self.outbox.publish(reply_topic, f"Error: the request is too large ({len(payload)} "
                                 f"bytes; the limit is {self.max_payload_bytes} bytes)")
             return

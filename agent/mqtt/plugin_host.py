@@ -9,7 +9,7 @@ from agent.core.metrics import BAD_REQUEST, RequestMetrics
 from agent.core.outcome import Outcome
 from agent.core.reasoning import EMPTY_ANSWER
 from agent.mqtt.acks import NO_ACK
-from agent.mqtt.chat import ChatDoor
+from agent.mqtt.chat import DOOR, ChatDoor
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.protocol import ChatRequest, session_id_problem
 from agent.mqtt.topics import Topics
@@ -50,7 +50,7 @@ class PluginHost:
         self._outbox.publish(topic, payload)
 
     def rejected(self) -> None:
-        self._metrics.rejected(self.project, BAD_REQUEST)
+        self._metrics.rejected(self.project, BAD_REQUEST, door=DOOR)
 
 
 def _answer(outcome: Outcome) -> Answer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -54,6 +55,13 @@ class AgentCollector:
             for outcome in OUTCOMES:
                 requests.add_metric([project, outcome], counts[outcome])
         yield requests
+        doors = CounterMetricFamily(f"{NS}_door_requests", "requests by front door (mqtt, http) "
+                                    "and outcome; a door's own refusals (bad field, key, size) "
+                                    "count as bad_request", labels=["door", "outcome"])
+        for door, counts in sorted(self._metrics.by_door().items()):
+            for outcome in OUTCOMES:
+                doors.add_metric([door, outcome], counts[outcome])
+        yield doors
         buckets, total = self._metrics.histogram()
         yield HistogramMetricFamily(
             f"{NS}_latency_seconds", "admission to reply published, answered requests",
@@ -112,15 +120,33 @@ class PrometheusEndpoint:
 
     def start(self) -> None:
         require_prometheus()
-        from prometheus_client import CollectorRegistry, start_http_server
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        from prometheus_client import CollectorRegistry, make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._collector)  # type: ignore[arg-type]
+        metrics = make_wsgi_app(registry)
+
+        def only_metrics(environ: dict, start_response: Callable) -> Any:
+            if environ.get("PATH_INFO") == "/metrics":
+                return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: this port serves /metrics only\n"]
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, *args: Any) -> None:  # no line per scrape on stderr
+                pass
+
         try:
-            self._server, _ = start_http_server(self._want, self._addr, registry=registry)
+            self._server = make_server(self._addr, self._want, only_metrics, ThreadingWSGIServer,
+                                       handler_class=Quiet)
         except OSError as exc:
             raise ValueError(f"--metrics_port {self._want}: cannot listen: {exc.strerror or exc}") \
                 from None
+        threading.Thread(target=self._server.serve_forever, name="agent-prometheus",
+                         daemon=True).start()
         log.info("Prometheus metrics on http://%s:%d/metrics", self._addr, self.port)
 
     def stop(self) -> None:
