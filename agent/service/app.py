@@ -162,26 +162,26 @@ class Agent:
         if first:
             log.info("starting agent %s for projects %s", self.agent_id,
                      ", ".join(self.config.projects))
-            if self.prometheus is not None:
-                try:
-                    self.prometheus.start()
-                except ValueError:
-                    self.stop()
-                    raise
+            self._start_or_stop(self.prometheus)
             self.engine.start()
             self.service.watch(self.engine, lambda: status_text(self.projects, self.metrics_summary()))
             self.service.start()
             self.core.start()
-            if self.http is not None:
-                try:
-                    self.http.start()
-                except ValueError:
-                    self.stop()
-                    raise
+            self._start_or_stop(self.http)
             self.status.start()
         try:
             self.mqtt.start(wait=wait, timeout=timeout)
         except MqttConnectError:
+            self.stop()
+            raise
+
+    def _start_or_stop(self, server: PrometheusEndpoint | HttpServer | None) -> None:
+        """Starts a listening server of the agent; one that cannot listen stops the agent."""
+        if server is None:
+            return
+        try:
+            server.start()
+        except ValueError:
             self.stop()
             raise
 

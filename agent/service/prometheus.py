@@ -48,20 +48,20 @@ class AgentCollector:
         info = GaugeMetricFamily(f"{NS}_info", "agent, model and version", labels=list(self._info))
         info.add_metric(list(self._info.values()), 1)
         yield info
-        requests = CounterMetricFamily(f"{NS}_requests", "requests by project and outcome "
-                                       "(ok, error, bad_request, rate_limited, overloaded, "
-                                       "shutting_down)", labels=["project", "outcome"])
-        for project, counts in sorted(self._metrics.counts().items()):
-            for outcome in OUTCOMES:
-                requests.add_metric([project, outcome], counts[outcome])
-        yield requests
-        doors = CounterMetricFamily(f"{NS}_door_requests", "requests by front door (mqtt, http) "
-                                    "and outcome; a door's own refusals (bad field, key, size) "
-                                    "count as bad_request", labels=["door", "outcome"])
-        for door, counts in sorted(self._metrics.by_door().items()):
-            for outcome in OUTCOMES:
-                doors.add_metric([door, outcome], counts[outcome])
-        yield doors
+        def by_outcome(name: str, doc: str, label: str,
+                       table: dict[str, dict[str, int]]) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"{NS}_{name}", doc, labels=[label, "outcome"])
+            for key, counts in sorted(table.items()):
+                for outcome in OUTCOMES:
+                    family.add_metric([key, outcome], counts[outcome])
+            return family
+
+        yield by_outcome("requests", "requests by project and outcome (ok, error, bad_request, "
+                         "rate_limited, overloaded, shutting_down)", "project",
+                         self._metrics.counts())
+        yield by_outcome("door_requests", "requests by front door (mqtt, http) and outcome; a "
+                         "door's own refusals (bad field, key, size) count as bad_request", "door",
+                         self._metrics.by_door())
         buckets, total = self._metrics.histogram()
         yield HistogramMetricFamily(
             f"{NS}_latency_seconds", "admission to reply published, answered requests",
