@@ -52,6 +52,7 @@ from agent.core.output_rules import RuleReviewer, retry_request
 from agent.core.prompt_builder import PromptBuilder, PromptTooLong, prompt_limit
 from agent.core.rate_limit import RATE_LIMITED, RateLimiter
 from agent.core.reasoning import answer_of
+from agent.core.sampling import reply_tokens, sampling_for
 from agent.core.session_access import SessionAccess
 from agent.core.sessions import MemorySessionStore, Session, SessionStore, resolve_system_prompt
 from agent.core.settings import CoreSettings
@@ -263,8 +264,7 @@ class Conversation:
                 len(u) + len(a) for u, a in turns) > INLINE_CHARS:
             self._spawn(self._run, turn)
             return
-        max_tokens = min(req.max_tokens or spec.max_tokens or settings.max_tokens,
-                         settings.max_tokens)
+        max_tokens = reply_tokens(req, spec, settings)
         limit = prompt_limit(settings.max_history_tokens, max_tokens,
                              self.engine.token_budget(req.project), self.engine.max_model_len)
         try:
@@ -273,22 +273,9 @@ class Conversation:
             self.finish(turn, str(exc))
             return
         turn.history = Session(system_prompt, turns[prompt.first_turn:])
-        temperature = req.temperature if req.temperature is not None else spec.temperature
-        top_p = req.top_p if req.top_p is not None else spec.top_p
-        sampling = SamplingParams(
-            temperature=settings.temperature if temperature is None else temperature,
-            top_p=settings.top_p if top_p is None else top_p,
-            max_tokens=max_tokens,
-        )
-        self._generate(turn, GenerationRequest(
-            request_id=f"{self._tag}-{turn.seq}",
-            prompt_token_ids=prompt.token_ids,
-            sampling=sampling,
-            on_done=partial(self._on_done, turn),
-            on_delta=turn.stream.feed if turn.stream is not None else None,
-            project=req.project,
-            metadata={"session_id": req.session_id, "client_id": req.client_id},
-        ))
+        self._generate(turn, self._generation(
+            turn, prompt.token_ids, sampling_for(req, spec, settings, max_tokens),
+            {"session_id": req.session_id, "client_id": req.client_id}))
 
     def _run_given(self, turn: Turn, req: GivenConversation, spec: ProjectSpec) -> None:
         """A conversation given whole: its prompt as it is, ``max_tokens`` within what fits."""
@@ -303,22 +290,18 @@ class Conversation:
             self.finish(turn, f"Error: the prompt is too long ({len(ids)} tokens; at most "
                               f"{room - 1} fit with one to generate)")
             return
-        max_tokens = min(req.max_tokens or spec.max_tokens or settings.max_tokens,
-                         settings.max_tokens, room - len(ids))
-        temperature = req.temperature if req.temperature is not None else spec.temperature
-        top_p = req.top_p if req.top_p is not None else spec.top_p
-        self._generate(turn, GenerationRequest(
-            request_id=f"{self._tag}-{turn.seq}",
-            prompt_token_ids=ids,
-            sampling=SamplingParams(
-                temperature=settings.temperature if temperature is None else temperature,
-                top_p=settings.top_p if top_p is None else top_p,
-                max_tokens=max_tokens, stop=req.stop, seed=req.seed),
+        max_tokens = min(reply_tokens(req, spec, settings), room - len(ids))
+        sampling = sampling_for(req, spec, settings, max_tokens, req.stop, req.seed)
+        self._generate(turn, self._generation(turn, ids, sampling, {"client_id": req.client_id}))
+
+    def _generation(self, turn: Turn, token_ids: list[int], sampling: SamplingParams,
+                    metadata: dict) -> GenerationRequest:
+        return GenerationRequest(
+            request_id=f"{self._tag}-{turn.seq}", prompt_token_ids=token_ids, sampling=sampling,
             on_done=partial(self._on_done, turn),
             on_delta=turn.stream.feed if turn.stream is not None else None,
-            project=req.project,
-            metadata={"client_id": req.client_id},
-        ))
+            project=turn.request.project, metadata=metadata,
+        )
 
     def _generate(self, turn: Turn, generation: GenerationRequest) -> None:
         turn.engine_id, turn.generation = generation.request_id, generation
