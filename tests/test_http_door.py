@@ -288,6 +288,10 @@ def test_a_client_that_goes_away_mid_stream_cancels_its_request(make) -> None:
 def test_health_metrics_and_shutdown(make) -> None:
     h = make(FakeEngine(delay=0.5))
     assert h.raw("GET", "/health") == (200, {"status": "ok"})
+    alive = h.agent.service.engine_alive
+    h.agent.service.engine_alive = lambda: False  # the engine loop stopped progressing
+    assert h.raw("GET", "/health") == (503, {"status": "unavailable"})
+    h.agent.service.engine_alive = alive
     ask(h)
     with pytest.raises(openai.BadRequestError):
         ask(h, temperature=5)
