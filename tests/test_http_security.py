@@ -87,7 +87,12 @@ def test_listening_beyond_loopback_needs_a_key(host: str, tmp_path: Path) -> Non
         parse_settings(["--http_port", "8000", "--http_host", loopback], environ={})
 
 
-def test_https_files_are_checked_at_start(tmp_path: Path) -> None:
+def test_https_files_are_checked_at_start(tmp_path: Path, pki: Pki) -> None:  # noqa: F811
+    with pytest.raises(SettingsError, match="not a PEM certificate and its private key"):
+        parse_settings(["--http_port", "8000", "--http_ssl_certfile", str(pki.server_cert),
+                        "--http_ssl_keyfile", str(pki.client_key)], environ={})  # not its key
+    parse_settings(["--http_port", "8000", "--http_ssl_certfile", str(pki.server_cert),
+                    "--http_ssl_keyfile", str(pki.server_key)], environ={})
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     with pytest.raises(SettingsError, match="--http_ssl_certfile .*not a PEM"):

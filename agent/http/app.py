@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,11 +42,6 @@ def build_app(door: HttpDoor, *, max_body_bytes: int, healthy: Callable[[], bool
         err = ApiError(exc.status_code, message, "invalid_request_error",
                        {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
         return JSONResponse(err.body(), status_code=err.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = bad_request(str(exc.errors()[:1]))
-        return JSONResponse(err.body(), status_code=400)
 
     def client(request: Request) -> str:
         address = request.client.host if request.client else "unknown"

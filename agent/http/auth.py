@@ -13,10 +13,6 @@ class ApiKeys:
     def __init__(self, keys: tuple[str, ...]) -> None:
         self._keys = [k.encode() for k in keys]
 
-    @property
-    def required(self) -> bool:
-        return bool(self._keys)
-
     def client(self, authorization: str | None, address: str) -> str:
         """Who the request is, for the rate limit: ``key-N`` (the N-th key), or the client's
         address without keys; ApiError 401 for a missing or wrong key."""

@@ -65,6 +65,3 @@ class MqttDoor:
             return
         if self.legacy is None or not self.legacy.handle(topic, payload, ack):
             self.chat.handle_message(topic, payload, properties, ack)  # logs the stray topic
-
-    def publish(self, topic: str, payload: str, **options: Any) -> None:
-        self.outbox.publish(topic, payload, **options)

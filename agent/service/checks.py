@@ -4,6 +4,7 @@ checked (``Settings.agent_config``) and when an agent is built, before the model
 from __future__ import annotations
 
 import ipaddress
+import ssl
 
 from agent.mqtt.share_group import share_group_problem
 from agent.mqtt.status import agent_id_problem, status_prefix_problem
@@ -35,16 +36,17 @@ def check_http(config: AgentConfig) -> None:
                          "give --api_key (or --api_key_file), or listen on 127.0.0.1")
     if (config.http_ssl_certfile is None) != (config.http_ssl_keyfile is None):
         raise ValueError("--http_ssl_certfile and --http_ssl_keyfile go together")
-    for flag, path in (("--http_ssl_certfile", config.http_ssl_certfile),
-                       ("--http_ssl_keyfile", config.http_ssl_keyfile)):
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(64 * 1024)
-            except OSError as exc:
-                raise ValueError(f"{flag} {path}: cannot be read ({exc.strerror})") from None
-            if b"-----BEGIN " not in head:
-                raise ValueError(f"{flag} {path}: not a PEM file")
+    cert, key = config.http_ssl_certfile, config.http_ssl_keyfile
+    if cert is None:
+        return
+    flags = f"--http_ssl_certfile {cert} and --http_ssl_keyfile {key}"
+    try:  # as uvicorn will load them: a mismatched key fails here too, not in its thread
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{flags}: not a PEM certificate and its private key "
+                         f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{flags}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _loopback(host: str) -> bool:
