@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from agent.core.log_format import OneLineFormatter
 from agent.service.settings import Settings, SettingsError, parse_settings
 
 if TYPE_CHECKING:
@@ -32,12 +33,11 @@ class UserError(Exception):
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    """The main log, on stderr (the journal under systemd): one line per log call, whatever
+    a client put in an id or topic (agent.core.log_format)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
 
 
 def start_debug_log(settings: Settings) -> None:

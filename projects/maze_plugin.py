@@ -2,7 +2,8 @@
 ``maze/hint/<sessionId>``, and its wall breaks per session.
 
 A plug-in (``projects.plugins``): the state goes to the host as a turn of the maze
-project's conversation (rate limit, one turn in flight per session, timeouts, history);
+project's conversation (the states' own rate limit, only the newest state waiting behind
+the one being answered, timeouts, history);
 the game's rules (state message, path, effects) are ``projects.maze_rules``. This module
 keeps each session's wall-break count and turns every answer, error included, into the
 one JSON object the game parses. Templates may set ``max_breaks``; a template, clear or
@@ -22,7 +23,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from projects.maze_rules import DEFAULT_MAX_BREAKS, MazeState, build_hint, error_reply, parse_state
+from projects.maze_rules import (
+    DEFAULT_MAX_BREAKS,
+    MAX_BREAKS,
+    MazeState,
+    build_hint,
+    error_reply,
+    parse_state,
+)
 from projects.plugins import Answer, PluginHost
 
 log = logging.getLogger(__name__)
@@ -41,13 +49,15 @@ class _Breaks:
 
 
 class BreaksBook:
-    """Wall breaks per maze session: bounded like the sessions (LRU, idle expiry)."""
+    """Wall breaks per maze session: bounded like the sessions (LRU, idle expiry). Its lock
+    guards the counts only: no path search runs under it, so one session's hint never waits
+    for another's."""
 
     def __init__(self, max_sessions: int, idle_timeout: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.default_max = DEFAULT_MAX_BREAKS
         self._max_sessions, self._idle, self._clock = max_sessions, idle_timeout, clock
-        self.lock = threading.RLock()
+        self._lock = threading.Lock()
         self._items: OrderedDict[str, _Breaks] = OrderedDict()
 
     def _entry(self, sid: str) -> _Breaks:
@@ -65,31 +75,31 @@ class BreaksBook:
         return entry
 
     def remaining(self, sid: str) -> int:
-        with self.lock:
+        with self._lock:
             return self._entry(sid).remaining
 
     def spend(self, sid: str, used: int) -> int:
-        with self.lock:
+        with self._lock:
             entry = self._entry(sid)
             entry.remaining = max(0, entry.remaining - used)
             return entry.remaining
 
     def reset(self, sid: str, maximum: int | None = None) -> None:
         """Back to the session's maximum (or a new one)."""
-        with self.lock:
+        with self._lock:
             entry = self._entry(sid)
             if maximum is not None:
                 entry.maximum = maximum
             entry.remaining = entry.maximum
 
     def reset_all(self) -> None:
-        with self.lock:
+        with self._lock:
             for entry in self._items.values():
                 entry.remaining = entry.maximum
 
     def forget(self, sid: str | None = None) -> None:
         """One session's count, or every one for None."""
-        with self.lock:
+        with self._lock:
             if sid is None:
                 self._items.clear()
             else:
@@ -132,10 +142,10 @@ class MazePlugin:
         except ValueError as exc:
             self._error(sid, reply_topic, str(exc))
             return
-        host.ask(session_id=sid, message=state.message(), reply_topic=reply_topic,
-                 shape=partial(self._shape, sid, state), system_prompt=prompt,
-                 client_id=_text(data.get("clientId")), request_id=_text(data.get("requestId")),
-                 ack=ack)
+        host.ask_state(session_id=sid, message=state.message(), reply_topic=reply_topic,
+                       shape=partial(self._shape, sid, state), system_prompt=prompt,
+                       client_id=_text(data.get("clientId")),
+                       request_id=_text(data.get("requestId")), ack=ack)
 
     def _error(self, sid: str, topic: str, message: str) -> None:
         log.warning("bad maze state for session %.80s: %s", sid, message)
@@ -150,11 +160,13 @@ class MazePlugin:
         A model that said nothing still gets the game its path: an empty hint, not an error.
         """
         text, ok = ("", True) if answer.empty else (answer.text, answer.ok)
-        with self.breaks.lock:
-            if not ok:
-                return json.dumps(error_reply(text.removeprefix("Error: "), self.breaks.remaining(sid)))
-            hint, used = build_hint(text, state, self.breaks.remaining(sid))
-            hint["breaks_remaining"] = self.breaks.spend(sid, used)
+        remaining = self.breaks.remaining(sid)
+        if not ok:
+            return json.dumps(error_reply(text.removeprefix("Error: "), remaining))
+        # The search runs outside the book's lock. Only this session's own turns spend its
+        # breaks, one at a time (one turn in flight per session), so none is spent twice.
+        hint, used = build_hint(text, state, remaining)
+        hint["breaks_remaining"] = self.breaks.spend(sid, used)
         return json.dumps(hint, allow_nan=False)
 
     # ---- the control topics' hooks ----
@@ -162,8 +174,9 @@ class MazePlugin:
     def check_template(self, data: dict) -> bool:
         max_breaks = data.get("max_breaks")
         if max_breaks is not None and (isinstance(max_breaks, bool) or not isinstance(max_breaks, int)
-                                       or max_breaks < 0):
-            raise ValueError("max_breaks must be an integer >= 0")
+                                       or not 0 <= max_breaks <= MAX_BREAKS):
+            raise ValueError(f"max_breaks must be an integer from 0 to {MAX_BREAKS} (no path on "
+                             f"the largest map accepted, {MAX_BREAKS} cells, crosses more walls)")
         return max_breaks is not None
 
     def template_set(self, session_id: str | None, data: dict, reset: bool) -> None:

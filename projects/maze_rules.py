@@ -17,16 +17,17 @@ from projects.maze_path import (
     Cell,
     as_cell,
     check_grid,
+    fewest_walls_path,
     floor_value,
     in_bounds,
     is_wall,
     path_problem,
-    shortest_path,
     wall_towards,
     walls_on,
 )
 
 DEFAULT_MAX_BREAKS = 3
+MAX_BREAKS = MAX_CELLS  # no path on the largest map accepted crosses more walls
 HINT_CHARS = 160
 HIGHLIGHT_CELLS, HIGHLIGHT_MS = 12, 5000
 FREEZE_RANGE, FREEZE_MS = 2, 2000
@@ -149,11 +150,7 @@ def _route(obj: dict, state: MazeState, breaks: int) -> tuple[list[Cell], Cell |
     given = _path(obj.get("path"))
     if given is not None and path_problem(grid, given, player, goal, wanted) is None:
         return given, wanted
-    path = None
-    for allowed in range(breaks + 1):  # the fewest breaks first, then the shortest path
-        path = shortest_path(grid, player, goal, allowed)
-        if path is not None:
-            break
+    path = fewest_walls_path(grid, player, goal, breaks)
     if path is None:
         return [], wanted or (wall_towards(grid, player, goal) if breaks > 0 else None)
     crossed = walls_on(grid, path, floor, goal)

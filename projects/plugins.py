@@ -69,6 +69,14 @@ class PluginHost(Protocol):
         to ``reply_topic``. ``ack``: the received message's, passed on as it came."""
         ...
 
+    def ask_state(self, *, session_id: str, message: str, reply_topic: str, shape: Shape,
+                  system_prompt: str | None = None, client_id: str | None = None,
+                  request_id: str | None = None, ack: Any = None) -> None:
+        """Like ``ask``, for a game's state, of which only the newest matters: counted against
+        ``--state_rate_limit`` instead of the chat limit; while the session's last state is
+        being answered it waits, and a newer one replaces it (no reply; ``ack`` sent then)."""
+        ...
+
     def publish(self, topic: str, payload: str) -> None: ...
 
     def rejected(self) -> None:

@@ -90,6 +90,7 @@ def start_broker(
     users: dict[str, str] | None = None, port: int | None = None, attempts: int = 3,
     listener_options: Sequence[str] = (),
     persistence: bool = False,
+    acl: str | None = None,
 ) -> Broker:
     """A running broker; with ``users``, anonymous access is off and a password file is used.
 
@@ -97,6 +98,7 @@ def start_broker(
     ``listener_options``: lines for the listener, e.g. ``certfile ...`` for TLS.
     ``persistence``: sessions, queued messages and retained ones survive ``restart()``
     (saved when mosquitto stops on SIGTERM).
+    ``acl``: the text of an ACL file (``acl_file``), e.g. agent.service.mosquitto_acl's.
     """
     if users and not MOSQUITTO_PASSWD:
         raise RuntimeError("mosquitto_passwd is not installed")
@@ -124,6 +126,9 @@ def start_broker(
             lines += ["allow_anonymous false", f"password_file {passwd}"]
         else:
             lines.append("allow_anonymous true")
+        if acl is not None:
+            (workdir / "acl").write_text(acl)
+            lines.append(f"acl_file {workdir / 'acl'}")
         (workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
         try:
             process = _launch(workdir, listen_port)

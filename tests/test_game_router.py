@@ -4,6 +4,7 @@ legacy topics."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -11,6 +12,8 @@ import pytest
 
 from agent.core.rate_limit import RATE_LIMITED
 from agent.mqtt.legacy import RESET_REPLY
+from projects import maze_plugin
+from projects.maze_rules import MAX_BREAKS, MazeState, build_hint
 from tests.fake_engine import FakeEngine
 from tests.game_harness import Game, scripted, system_prompt
 from tests.maze_game import OPEN, WALLED, check_hint, make_maze, state
@@ -77,23 +80,22 @@ def test_unparsable_states(game) -> None:
 
 
 def test_engine_errors_and_rate_limit_are_json(game) -> None:
-    g = game(max_requests_per_session=2)
+    g = game(state_rate_limit=2)
     g.engine.fail = "out of memory"
-    g.send("maze/state", state(OPEN, "e"))
-    assert g.hints("e", 1)[0] == {"error": "out of memory", "breaks_remaining": 3}
-    g.engine.fail = None
-    g.send("maze/state", state(OPEN, "e"))
-    g.send("maze/state", state(OPEN, "e"))
-    hints = g.hints("e", 3)
-    assert {"error": RATE_LIMITED.removeprefix("Error: "), "breaks_remaining": 3} in hints
+    for _ in range(3):  # within a second: one state too many
+        g.send("maze/state", state(OPEN, "e"))
+    errors = sorted(h["error"] for h in g.hints("e", 3))
+    assert errors == [RATE_LIMITED.removeprefix("Error: "), "out of memory", "out of memory"]
+    assert all(h["breaks_remaining"] == 3 for h in g.hints("e", 3))
 
 
 def test_breaks_run_out_after_max_breaks(game) -> None:
     g = game()
     g.send("maze/template/w", {"max_breaks": 2, "reset": False})
     assert g.hints("w", 1) == [{"hint": "Template updated", "breaks_remaining": 2}]
-    for _ in range(3):
+    for n in range(3):  # like a game: the next state once this one's hint is in
         g.send("maze/state", state(WALLED, "w"))
+        g.hints("w", n + 2)
     hints = g.hints("w", 4)[1:]
     assert [h.get("break_wall") for h in hints] == [[4, 1], [4, 1], None]
     assert [h["breaks_remaining"] for h in hints] == [1, 0, 0]
@@ -229,3 +231,43 @@ def test_an_empty_model_answer_still_gets_the_path(game) -> None:
     [hint] = g.hints("empty", 1)
     assert hint["hint"] == "" and "error" not in hint
     check_hint(hint, *make_maze(OPEN))
+
+
+def test_max_breaks_beyond_the_largest_map_is_refused(game) -> None:
+    """10**18 breaks once made every search of the session take seconds; no path on the
+    largest map accepted crosses more walls than MAX_BREAKS."""
+    g = game()
+    g.send("maze/template/w", {"max_breaks": 10**18, "reset": False})
+    [refused] = g.hints("w", 1)
+    assert refused["error"].startswith(f"max_breaks must be an integer from 0 to {MAX_BREAKS}")
+    assert refused["breaks_remaining"] == 3  # unchanged
+    g.send("maze/template", {"max_breaks": MAX_BREAKS + 1})  # nor as the project's default
+    g.send("maze/template/w", {"max_breaks": MAX_BREAKS, "reset": False})
+    assert g.hints("w", 2)[-1] == {"hint": "Template updated", "breaks_remaining": MAX_BREAKS}
+    g.send("maze/state", state(WALLED, "new"))
+    assert g.hints("new", 1)[0]["breaks_remaining"] == 2  # the default 3, less the break
+
+
+def test_a_slow_search_does_not_hold_up_another_sessions_hint(game, monkeypatch) -> None:
+    """The hint of session "slow" is held inside its search (build_hint); session "quick"
+    still gets its hint at once: no lock that every session shares is held across a search."""
+    searching, release = threading.Event(), threading.Event()
+    slow_grid = make_maze(OPEN)[0]
+
+    def held_build_hint(text: str, state: MazeState, breaks: int) -> tuple[dict, int]:
+        if state.grid == slow_grid:
+            searching.set()
+            release.wait(10)
+        return build_hint(text, state, breaks)
+
+    monkeypatch.setattr(maze_plugin, "build_hint", held_build_hint)
+    g = game()
+    try:
+        g.send("maze/state", state(OPEN, "slow"))
+        assert searching.wait(5)
+        g.send("maze/state", state(WALLED, "quick"))
+        assert g.hints("quick", 1, timeout=3)[0]["break_wall"] == [4, 1]
+        assert not g.replies.on("maze/hint/slow")
+    finally:
+        release.set()
+    check_hint(g.hints("slow", 1)[0], *make_maze(OPEN))

@@ -5,6 +5,7 @@ templates and deletes sessions, and a legacy driving client on llama/driving/...
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from itertools import count
@@ -14,11 +15,12 @@ import pytest
 from agent.mqtt.legacy import RESET_REPLY
 from agent.service.app import Agent
 from agent.service.config import AgentConfig
-from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
+from tests.ack_counter import AckCounter, every_request_acked  # noqa: F401 (a fixture)
 from tests.fake_engine import FakeEngine
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
 from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
+from tests.test_router import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -79,6 +81,54 @@ def test_every_state_gets_one_json_hint_with_a_valid_path(make_agent, client: Ol
         check_hint(walled_hint, *make_maze(WALLED, floor_is_one))
     time.sleep(0.2)
     assert len(client.messages(prefix="maze/hint/")) == 2 * len(games)  # exactly one per state
+
+
+TICK_S = 0.05  # the web maze game's 500 ms, ten times faster ...
+TICK_LIMIT = 200  # ... against ten times the default --state_rate_limit (20 a second)
+
+
+def test_every_state_of_a_game_tick_is_answered(make_agent, client: OldClient) -> None:
+    """The web maze game at its 500 ms setting got 10 of 30 hints as "Rate limit exceeded"
+    (the chat limit, 20 a minute). States have a limit of their own, sized for a tick."""
+    make_agent(state_rate_limit=TICK_LIMIT)
+    game = MazeGame(client, "tick")
+    started = time.monotonic()
+    for i in range(30):
+        client.wait(game.topic, i, timeout=5)  # the last hint is in before the next tick
+        time.sleep(max(0.0, started + i * TICK_S - time.monotonic()))
+        game.send(OPEN, oxygenCollected=i)
+    hints = game.hints(30)
+    assert [h.get("error") for h in hints] == [None] * 30
+    for hint in hints:
+        check_hint(hint, *make_maze(OPEN))
+    time.sleep(0.2)
+    assert len(client.messages(game.topic)) == 30
+
+
+def test_a_burst_of_states_leaves_only_the_newest_waiting(
+        make_agent, client: OldClient, request: pytest.FixtureRequest) -> None:
+    """While a state is being answered, newer ones replace each other: the newest is answered
+    next, the replaced ones get no hint, and their PUBACKs go at once."""
+    answering = threading.Event()
+    engine = FakeEngine(reply=lambda p, r: (answering.wait(10), NOT_JSON)[1])
+    make_agent(engine)
+    game = MazeGame(client, "burst")
+    game.send(OPEN, oxygenCollected=0)
+    wait_until(lambda: len(engine.requests) == 1)
+    for i in range(1, 6):
+        game.send(OPEN, oxygenCollected=i)
+    acks: AckCounter = request.getfixturevalue("every_request_acked")
+    try:
+        with acks.cond:  # 6 states in; the 4 replaced acknowledged, 2 still held
+            assert acks.cond.wait_for(lambda: sum(acks.delivered.values()) == 6
+                                      and sum(acks.acked.values()) == 4, 5)
+        assert len(engine.requests) == 1 and not client.messages(game.topic)
+    finally:
+        answering.set()
+    assert len(game.hints(2)) == 2
+    time.sleep(0.3)
+    assert len(client.messages(game.topic)) == 2 and len(engine.requests) == 2
+    assert [json.loads(engine.user_turns(i)[-1])["oxygen_collected"] for i in (0, 1)] == [0, 5]
 
 
 @pytest.mark.parametrize("payload, error", [
@@ -211,9 +261,10 @@ def test_real_model_hints_templates_and_breaks(make_agent, client: OldClient, re
     game, other = games
     client.publish(f"maze/template/{game.session}", json.dumps({"template": "Pirate guide.", "max_breaks": 1}))
     assert game.hints(2)[-1] == {"hint": "Template updated", "breaks_remaining": 1}
-    for layout in (WALLED, WALLED, SEALED):
-        game.send(layout)
     other.send(OPEN, False)
+    for n, layout in enumerate((WALLED, WALLED, SEALED)):  # a state once the last is answered
+        game.send(layout)
+        game.hints(n + 3, timeout=30)
     hints = game.hints(5, timeout=30)[2:]
     assert [h.get("break_wall") for h in hints] == [[4, 1], None, None]
     assert [h["breaks_remaining"] for h in hints] == [0, 0, 0]

@@ -179,7 +179,7 @@ def test_a_prompt_over_the_budget_is_a_400_that_says_how_many_fit(make) -> None:
 
 
 def test_rate_limit_429_per_key_overload_and_engine_failure(make) -> None:
-    h = make(max_requests_per_session=2)
+    h = make(max_requests_per_client=2)
     ask(h), ask(h)
     with pytest.raises(openai.RateLimitError):
         ask(h)

@@ -14,8 +14,8 @@ from projects.maze_path import (
     MAX_SIDE,
     as_cell,
     check_grid,
+    fewest_walls_path,
     path_problem,
-    shortest_path,
     wall_towards,
 )
 from projects.maze_rules import build_hint, model_object, parse_state
@@ -25,9 +25,9 @@ CONVENTIONS = pytest.mark.parametrize("floor_is_one", [True, False], ids=["1=flo
 
 
 @CONVENTIONS
-def test_shortest_path_in_both_conventions(floor_is_one: bool) -> None:
+def test_fewest_walls_path_in_both_conventions(floor_is_one: bool) -> None:
     grid, player, goal = make_maze(OPEN, floor_is_one)
-    path = shortest_path(grid, tuple(player), tuple(goal))
+    path = fewest_walls_path(grid, tuple(player), tuple(goal))
     assert path is not None and len(path) - 1 == 12  # the only way round the inner walls
     assert path_problem(grid, path, tuple(player), tuple(goal)) is None
     check_hint({"path": [list(c) for c in path], "breaks_remaining": 0}, grid, player, goal)
@@ -36,8 +36,8 @@ def test_shortest_path_in_both_conventions(floor_is_one: bool) -> None:
 @CONVENTIONS
 def test_a_wall_break_opens_the_way(floor_is_one: bool) -> None:
     grid, player, goal = make_maze(WALLED, floor_is_one)
-    assert shortest_path(grid, tuple(player), tuple(goal), 0) is None
-    path = shortest_path(grid, tuple(player), tuple(goal), 1)
+    assert fewest_walls_path(grid, tuple(player), tuple(goal), 0) is None
+    path = fewest_walls_path(grid, tuple(player), tuple(goal), 1)
     assert path == [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]
     assert path_problem(grid, path, tuple(player), tuple(goal)) is not None  # crosses a wall
     assert path_problem(grid, path, tuple(player), tuple(goal), breakable=(4, 1)) is None
@@ -46,16 +46,16 @@ def test_a_wall_break_opens_the_way(floor_is_one: bool) -> None:
 def test_fewer_walls_preferred_among_equally_short_paths() -> None:
     layout = ["#####", "#P#.#", "#...#", "#.#E#", "#####"]
     grid, player, goal = make_maze(layout)
-    path = shortest_path(grid, tuple(player), tuple(goal), 3)
+    path = fewest_walls_path(grid, tuple(player), tuple(goal), 3)
     assert path is not None and len(path) == 5
     assert all(grid[y][x] == 1 for x, y in path)
 
 
 def test_start_on_goal_and_exit_marked_with_its_own_value() -> None:
     grid, player, goal = make_maze(OPEN)
-    assert shortest_path(grid, (1, 1), (1, 1)) == [(1, 1)]
+    assert fewest_walls_path(grid, (1, 1), (1, 1)) == [(1, 1)]
     grid[goal[1]][goal[0]] = 2  # a client that marks the exit: still reachable
-    assert shortest_path(grid, tuple(player), tuple(goal)) is not None
+    assert fewest_walls_path(grid, tuple(player), tuple(goal)) is not None
 
 
 def test_wall_towards_the_exit() -> None:
@@ -97,8 +97,22 @@ def test_largest_grid_is_fast() -> None:
             grid[y][x] = 0
         grid[y][side - 1 if y % 4 == 1 else 0] = 1
     started = time.perf_counter()
-    path = shortest_path(check_grid(grid), (0, 0), (side - 1, side - 1), 1)
+    path = fewest_walls_path(check_grid(grid), (0, 0), (side - 1, side - 1), 1)
     assert path is not None and time.perf_counter() - started < 2.0
+
+
+def test_unlimited_breaks_on_the_largest_map_are_fast() -> None:
+    """Every cell a wall: the path to the far corner needs a break per step. With 10**18
+    breaks (a template could set that) the search took 20 s, a search per break count."""
+    side = int(MAX_CELLS ** 0.5)
+    grid = [[0] * side for _ in range(side)]
+    grid[0][0] = 1
+    started = time.perf_counter()
+    hint, used = build_hint("", parse_state(state(["P", "E"], "s", visible_map=grid,
+                                                  exit_pos=[side - 1, side - 1])), 10**18)
+    assert time.perf_counter() - started < 1.0
+    assert len(hint["path"]) == 2 * side - 1 and hint["break_wall"] == hint["path"][1]
+    assert used == 1
 
 
 @settings(max_examples=150, deadline=None)
@@ -114,11 +128,12 @@ def test_paths_agree_with_an_independent_search(cells: list[bool], ends: tuple, 
     grid = [[floor if cells[6 * y + x] else wall for x in range(6)] for y in range(6)]
     player, goal = [ends[0], ends[1]], [ends[2], ends[3]]
     grid[player[1]][player[0]] = floor
-    path = shortest_path(grid, tuple(player), tuple(goal), breaks)
+    path = fewest_walls_path(grid, tuple(player), tuple(goal), breaks)
     assert (path is not None) == reachable(grid, player, goal, breaks)
     if path is not None:
         walls = [c for c in path if list(c) != goal and grid[c[1]][c[0]] != floor]
         assert len(walls) <= breaks and path[0] == tuple(player) and path[-1] == tuple(goal)
+        assert not walls or not reachable(grid, player, goal, len(walls) - 1)  # the fewest
         assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(path, path[1:], strict=False))
 
 

@@ -173,7 +173,7 @@ def test_router_hooks_count_every_outcome() -> None:
         send(router, sessionId="c", message="one")  # the queue (2) is full: overloaded
         send(router, sessionId="d", message="  ")  # bad request
         router.handle_message("maze/user_input", b'{"message": "x", "replyTopic": "elsewhere", '
-                              b'"sessionId": "e", "images": [1]}')  # bad, on the default topic
+                              b'"sessionId": "e", "topP": 5}')  # bad, on the default topic
         replies.wait(6)
         counts = router.metrics.counts()["maze"]
         assert counts == {"ok": 2, "error": 0, "bad_request": 2, "rate_limited": 1,

@@ -156,6 +156,56 @@ def test_plain_port_is_a_clear_error(broker: Broker, pki: Pki) -> None:
         agent.start()
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_plain_connection_to_a_tls_port_fails_at_start_with_a_hint(
+    tls_broker: Broker, protocol: str
+) -> None:
+    """Was: "disconnected (Unspecified error); reconnecting" for ever. Now the start fails at
+    once, as run_forever (the launcher's path) and start() both see it."""
+    config = _config(tls_broker, mqtt_tls=False, mqtt_protocol=protocol, connect_timeout=10.0)
+    agent = Agent(config, FakeEngine())
+    stopper = threading.Timer(20.0, agent.request_stop)  # before the fix: it would retry on
+    stopper.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(MqttConnectError, match=r"TLS listener\? use --mqtt_tls"):
+            agent.run_forever()
+    finally:
+        stopper.cancel()
+    assert time.monotonic() - started < config.connect_timeout
+    with pytest.raises(MqttConnectError, match=r"TLS listener\? use --mqtt_tls"):
+        Agent(config, FakeEngine()).start()
+
+
+def test_lost_connection_is_retried_even_when_the_port_turns_tls(pki: Pki) -> None:
+    """Only the start-up connect is judged: once connected, the broker's port may answer TLS
+    for a while (a reconfigured broker) and the agent still reconnects when it is plain again."""
+    plain = start_broker()
+    port = plain.port
+    config = AgentConfig(projects=("general",), mqtt_broker=plain.host, mqtt_port=port,
+                         connect_timeout=5.0, reconnect_max_delay=0.3)
+    agent = Agent(config, FakeEngine())
+    agent.start()
+    try:
+        plain.stop()
+        tls = _tls_broker_on(pki, port)
+        try:
+            # several plain connects are hung up on by the TLS listener: not fatal
+            assert agent.mqtt.wait_ready(2.0) is False
+        finally:
+            tls.stop()
+        plain = start_broker(port=port)
+        assert agent.mqtt.wait_ready(10.0)
+    finally:
+        agent.stop()
+        plain.stop()
+
+
+def _tls_broker_on(pki: Pki, port: int) -> Broker:
+    return start_broker(port=port, listener_options=[
+        f"cafile {pki.ca}", f"certfile {pki.server_cert}", f"keyfile {pki.server_key}"])
+
+
 def test_insecure_connects_with_a_wrong_ca_and_warns(
     tls_broker: Broker, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -120,8 +120,10 @@ def test_non_finite_numbers(parser: RequestParser) -> None:
 
 
 def test_max_tokens_capped(parser: RequestParser) -> None:
-    assert parse(parser, {"message": "hi", "maxTokens": 100_000}).max_tokens == 256
+    capped = parse(parser, {"message": "hi", "maxTokens": 100_000})
+    assert (capped.max_tokens, capped.max_tokens_asked) == (256, 100_000)
     assert parse(parser, {"message": "hi", "maxTokens": 12.0}).max_tokens == 12
+    assert parse(parser, {"message": "hi"}).max_tokens_asked is None
 
 
 def test_prompt_template(parser: RequestParser) -> None:
@@ -131,10 +133,32 @@ def test_prompt_template(parser: RequestParser) -> None:
     assert parse(parser, {"message": "hi", "systemPrompt": " "}).system_prompt is None
 
 
-def test_images(parser: RequestParser) -> None:
-    err = error(parser, {"sessionId": "s1", "message": "what is this?", "images": ["aGVsbG8="]})
-    assert err.reply == "Error: this model does not accept images"
-    assert parse(parser, {"message": "hi", "images": []}).message == "hi"
+def test_images_ignored_text_answered(parser: RequestParser) -> None:
+    """Issue 15 item 15: text + images is the text's turn (the old servers answered it); only
+    the images' count is kept."""
+    req = parse(parser, {"sessionId": "s1", "message": "what is this?", "images": ["aGVsbG8=", "eA=="]})
+    assert (req.message, req.images_ignored) == ("what is this?", 2)
+    assert "images" not in req.extras and "aGVsbG8=" not in repr(req)
+    assert parse(parser, {"message": "hi", "images": "aGVsbG8="}).images_ignored == 1
+    assert parse(parser, {"message": "hi", "images": []}).images_ignored == 0
+
+
+@pytest.mark.parametrize("message", [None, "", "  "])
+def test_images_without_text(parser: RequestParser, message: object) -> None:
+    payload = {"sessionId": "s1", "images": ["aGVsbG8="], "responseFormat": "json"}
+    if message is not None:
+        payload["message"] = message
+    err = error(parser, payload)
+    assert err.reply == "Error: this model does not accept images, and the message has no text"
+    assert err.data is not None and "images" not in err.data  # the error keeps no image
+    assert error(parser, {"message": " ", "images": []}).reply == "Error: empty message"
+
+
+def test_images_of_a_refused_request_are_not_kept(parser: RequestParser) -> None:
+    err = error(parser, {"sessionId": "a#b", "message": "hi", "images": ["aGVsbG8="]})
+    assert err.data is not None and "images" not in err.data
+    err = error(parser, {"sessionId": "s", "message": "hi", "topP": 5, "images": ["aGVsbG8="]})
+    assert err.data is not None and "images" not in err.data
 
 
 def test_bad_session_id(parser: RequestParser) -> None:
@@ -246,7 +270,7 @@ def test_usual_request_fields(parser: RequestParser) -> None:
 
 def test_request_of_is_the_constructor() -> None:
     values = ("p", "s", "m", "p/assistant_response/s", 0.5, 0.9, 12, "sys", "c", "r", True,
-              {"x": 1}, Options(stream=True), b"cd")
+              {"x": 1}, Options(stream=True), b"cd", 20, 1)
     made = ChatRequest.of(*values)
     assert made == ChatRequest(*values) and type(made) is ChatRequest
     assert replace(made, reply_topic="t") == ChatRequest(*values[:3], "t", *values[4:])

@@ -155,12 +155,14 @@ SAMPLES: dict[str, Sample] = {
     "temperature": Sample("0.2", 0.2),
     "top_p": Sample("0.5", 0.5),
     "max_tokens": Sample("256", 256),
+    "max_tokens_limit": Sample("1024", 1024),
     "max_history_tokens": Sample("2000", 2000),
     "skip_thinking": Sample("false", False),
     "max_concurrent_sessions": Sample("50", 50),
     "session_timeout": Sample("600", 600.0),
     "max_requests_per_session": Sample("5", 5),
     "rate_limit_window": Sample("30", 30.0),
+    "state_rate_limit": Sample("4", 4),
     "max_queue": Sample("16", 16),
     "max_payload_bytes": Sample("5000", 5000),
     "request_timeout": Sample("45", 45.0),
@@ -184,6 +186,7 @@ SAMPLES: dict[str, Sample] = {
     "mqtt_keyfile": Sample("{key}", "{key}", (*TLS, "--mqtt_certfile", "{both}")),
     "mqtt_tls_insecure": Sample("true", True, TLS),
     "share_group": Sample("clinic1", "clinic1"),
+    "control_users": Sample("operator ops.team@site", ("operator", "ops.team@site")),
     "topic_prefix": Sample("clinic1/", "clinic1/"),
     "legacy_topics": Sample("true", True),
     "legacy_project": Sample("maze", "maze"),
@@ -719,9 +722,11 @@ def connect_properties(packet: bytes) -> tuple[int, dict[int, bytes]]:
     return flags, props
 
 
-def test_mqtt5_connect_asks_for_65535_and_a_persistent_session() -> None:
+@pytest.mark.parametrize(("max_queue", "asked"), [("40", 40), ("100000", 65535)])
+def test_mqtt5_connect_asks_for_max_queue_and_a_persistent_session(max_queue: str,
+                                                                   asked: int) -> None:
     """README: "The agent keeps a persistent session (`--agent_id` gives a stable client id)
-    ... on MQTT 5 the agent asks for 65535 (Receive Maximum)"."""
+    ... On MQTT 5 the agent asks for `--max_queue` (Receive Maximum)" (at most 65535)."""
     from agent.mqtt.client import MqttClient
 
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -729,13 +734,14 @@ def test_mqtt5_connect_asks_for_65535_and_a_persistent_session() -> None:
         reader = threading.Thread(target=read_connect_packet, args=(server, packets), daemon=True)
         reader.start()
         settings = parse(["--mqtt_broker", "127.0.0.1", "--mqtt_port",
-                          str(server.getsockname()[1]), "--agent_id", "box-7"])
+                          str(server.getsockname()[1]), "--agent_id", "box-7",
+                          "--mqtt_protocol", "5", "--max_queue", max_queue])
         client = MqttClient(settings.agent_config(), ["general/user_input"], lambda *a: None)
         client.start(wait=False)
         reader.join(10)
         client.stop(flush_timeout=0)
     flags, props = connect_properties(packets[0])
-    assert int.from_bytes(props[0x21], "big") == 65535  # Receive Maximum
+    assert int.from_bytes(props[0x21], "big") == asked  # Receive Maximum
     assert int.from_bytes(props[0x11], "big") == 86400  # Session Expiry: --session_expiry
     assert not flags & 0x02  # clean start off: the session is resumed
     assert b"vllm-deploy-box-7" in packets[0]

@@ -101,9 +101,10 @@ def test_broker_restart_during_a_burst_loses_no_request(
 ) -> None:
     """200 requests; the broker stops (SIGTERM, it saves its state) after the first 100 are
     sent, the other 100 are sent while it is down, then it starts again on the same port.
-    Asserted: every request is answered; the agent ran each prompt once and published one
-    reply per request (its own count); the requester got every reply, and a reply delivered
-    twice (QoS 1 at-least-once across the restart) only within the in-flight window."""
+    Asserted: every request is answered; the agent ran each prompt once and counted one
+    answer per request; the requester got every reply. A request the broker delivers again
+    (its PUBACK lost in the restart) gets its reply again, the same text: only requests
+    that reached the agent before the broker went can come twice."""
     caplog.set_level(logging.INFO)
     c = config(broker, mqtt_protocol=protocol)
     c["projects"] = tuple(c["projects"])
@@ -128,7 +129,7 @@ def test_broker_restart_during_a_burst_loses_no_request(
         assert generated == Counter(f"m{i}" for i in range(200))  # each prompt once
         summary = agent.metrics_summary()
         assert (summary["processed"], summary["errors"], summary["rejected"]) == (200, 0, 0)
-        assert sum(got.values()) - 200 <= 40, got  # two in-flight windows of 20 at most
+        assert set(got.values()) <= {1, 2, 3} and all(got[i] == 1 for i in range(100, 200)), got
         assert agent.ready and "publishing on" not in caplog.text  # publish never raised
         assert "disconnected from MQTT broker" in caplog.text
     finally:

@@ -161,16 +161,61 @@ def test_rate_limit(make_router: MakeRouter) -> None:
     assert replies.on("maze/assistant_response/t") == ["echo: y"]
 
 
-def test_duplicate_request_answered_once(make_router: MakeRouter) -> None:
-    router, engine, replies = make_router()
-    for _ in range(3):
-        send(router, sessionId="s", message="x", requestId="r1")
-    send(router, sessionId="s", message="y", requestId="r2")
+def test_a_copy_of_an_answered_request_gets_the_same_reply_generated_once(
+    make_router: MakeRouter,
+) -> None:
+    """A redelivered request (same session, requestId and message) gets its reply again, not
+    a second generation and not silence; an invalid one gets its error again."""
+    router, engine, replies = make_router(FakeEngine(delay=0.05))
+    for _ in range(2):  # the copy arrives while the first is being answered: one reply
+        send(router, sessionId="s", message="x", requestId="r1", responseFormat="json")
+    replies.wait(1)
+    send(router, sessionId="s", message="x", requestId="r1", responseFormat="json")  # answered
     send(router, sessionId="s", message="bad", requestId="r3", temperature="hot")
     send(router, sessionId="s", message="bad", requestId="r3", temperature="hot")
-    replies.wait(3)
+    replies.wait(4)
     time.sleep(0.1)
-    assert len(replies.items) == 3 and len(engine.requests) == 2
+    topic = "maze/assistant_response/s"
+    first, again = replies.on(topic)[:2]
+    assert first == again and json.loads(first)["text"] == "echo: x"  # identical, timings too
+    assert [r.split(" in [")[0] for r in replies.on(topic)[2:]] == [
+        "Error: temperature must be a number"] * 2
+    assert len(replies.items) == 4 and engine.user_turns() == ["x"]
+    assert router.store.get(("maze", "s")).turns == [("x", "echo: x")]  # recorded once
+
+
+def test_a_retry_of_a_refused_request_is_served(make_router: MakeRouter) -> None:
+    """Issue 15 item 1: overloaded, rate limited and invalid requests are not remembered: a
+    retry with the same requestId is answered (and a refused request does not count against
+    the rate limit)."""
+    router, engine, replies = make_router(FakeEngine(delay=0.2), max_queue=1,
+                                          max_requests_per_session=1, rate_limit_window=0.5)
+    send(router, sessionId="busy", message="first")
+    send(router, sessionId="o", message="retry me", requestId="r-o")  # overloaded
+    send(router, sessionId="e", message="   ", requestId="r-e")  # empty: invalid
+    replies.wait(3)  # first answered: room again
+    send(router, sessionId="o", message="retry me", requestId="r-o")
+    replies.wait(4)
+    send(router, sessionId="e", message="fixed", requestId="r-e")
+    send(router, sessionId="o", message="too soon", requestId="r-l")  # rate limited
+    replies.wait(6)
+    time.sleep(0.6)  # the window is over
+    send(router, sessionId="o", message="too soon", requestId="r-l")
+    replies.wait(7)
+    assert replies.on("maze/assistant_response/o") == [
+        OVERLOADED, "echo: retry me", RATE_LIMITED, "echo: too soon"]
+    assert replies.on("maze/assistant_response/e") == ["Error: empty message", "echo: fixed"]
+
+
+def test_another_message_with_a_sessions_next_request_id_does_not_silence_it(
+    make_router: MakeRouter,
+) -> None:
+    router, engine, replies = make_router()
+    send(router, sessionId="v", message="attacker's text", requestId="next-id")
+    send(router, sessionId="v", message="victim's question", requestId="next-id")
+    replies.wait(2)
+    assert replies.on("maze/assistant_response/v") == [
+        "echo: attacker's text", "echo: victim's question"]
 
 
 def test_timeout_cancels_and_next_turn_runs(make_router: MakeRouter) -> None:

@@ -213,15 +213,17 @@ def test_error_codes_of_refusals_and_failures(make_router: MakeRouter) -> None:
     assert error_of(published) == {"code": "overloaded", "message": OVERLOADED}
     assert error_of(published, 2)["code"] == "overloaded"  # timed out: busy, try again
     assert error_of(published, 2)["message"].startswith("Error: no answer within")
-    send(router, message="c", responseFormat="json")
+    send(router, message="c", responseFormat="json")  # the second counted: b was refused
+    send(router, message="c2", responseFormat="json")
     assert error_of(published, 3) == {"code": "rate_limited", "message": RATE_LIMITED}
+    assert error_of(published, 4)["code"] == "overloaded"  # c timed out
     engine.delay, engine.fail = 0, "out of memory"
     send(router, sessionId="t", message="d", responseFormat="json")
-    assert error_of(published, 4) == {"code": "internal", "message": "Error: out of memory"}
+    assert error_of(published, 5) == {"code": "internal", "message": "Error: out of memory"}
     engine.delay, engine.fail = 5, None
     send(router, sessionId="u", message="e", responseFormat="json")
     router.stop()
-    assert error_of(published, 5)["code"] == "shutting_down"
+    assert error_of(published, 6)["code"] == "shutting_down"
 
 
 # ---- command: reset ----

@@ -171,6 +171,128 @@ def test_watchdog_pings_only_while_the_engine_loop_progresses(
         service.stop()
 
 
+# ---- the watchdog and the MQTT network loop (a real broker, a fake engine) ---------------------
+
+def watched_agent(broker: Broker, listener: NotifySocket, reconnect_max_delay: float = 1.0) -> Agent:
+    """An agent whose watchdog pings every 0.1 s and stops after 1 s without MQTT loop progress.
+    FakeEngine has no ``last_progress``: only the MQTT loop is watched."""
+    config = AgentConfig(projects=("general",), mqtt_broker=broker.host, mqtt_port=broker.port,
+                         connect_timeout=5.0, agent_id=f"test-{secrets.token_hex(3)}",
+                         stats_interval=0, reconnect_max_delay=reconnect_max_delay)
+    sd = SdNotify({"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "200000"})
+    return Agent(config, FakeEngine(), service=ServiceNotifier(sd, min_stall=1.0))
+
+
+def pings_since(listener: NotifySocket, since: float) -> list[float]:
+    with listener._cond:
+        return [t for t, f in listener.messages if "WATCHDOG" in f and t >= since]
+
+
+def longest_silence(listener: NotifySocket, since: float) -> float:
+    """The longest time without a WATCHDOG=1 from ``since`` until now."""
+    times = [since, *pings_since(listener, since), time.monotonic()]
+    return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@needs_broker
+@pytest.mark.integration
+def test_watchdog_pings_go_on_while_the_broker_is_down_and_the_agent_reconnects(
+    broker: Broker, notify_socket: Callable[[bool], NotifySocket],
+) -> None:
+    listener = notify_socket(False)
+    agent = watched_agent(broker, listener, reconnect_max_delay=3.0)  # waits longer than a stall
+    agent.start()
+    try:
+        listener.wait("READY", "1")
+        broker.process.terminate()  # the broker goes away; the agent retries after 1, 2, 3 s
+        broker.process.wait(5)
+        down = time.monotonic()
+        time.sleep(5 * agent.service.stall_limit)
+        assert not agent.ready and "cannot reach" in agent.mqtt._last_error  # really reconnecting
+        assert longest_silence(listener, down) < agent.service.stall_limit
+        broker.restart()
+        assert wait_until(lambda: agent.ready, 10)
+        back = time.monotonic()
+        listener.wait("WATCHDOG", "1", n=len(pings_since(listener, 0)) + 5)
+        assert longest_silence(listener, back) < agent.service.stall_limit
+    finally:
+        agent.stop()
+
+
+@needs_broker
+@pytest.mark.integration
+def test_watchdog_pings_stop_while_the_mqtt_loop_is_stuck_in_a_callback(
+    broker: Broker, client: OldClient, notify_socket: Callable[[bool], NotifySocket],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listener = notify_socket(False)
+    agent = watched_agent(broker, listener)
+    release, entered = threading.Event(), threading.Event()
+    door_on_message = agent.door.on_message
+
+    def stuck(*args: object) -> None:  # e.g. a deadlock: paho's thread never returns
+        entered.set()
+        release.wait(30)
+        door_on_message(*args)
+
+    agent.start()
+    try:
+        listener.wait("READY", "1")
+        listener.wait("WATCHDOG", "1", n=3)
+        agent.door.on_message = stuck  # type: ignore[method-assign]
+        reply_topic = client.request("general", "s1", "hello")
+        assert entered.wait(10)
+        stalled = wait_until(lambda: longest_silence(listener, time.monotonic() - 1.0) >= 1.0,
+                             agent.service.stall_limit + 3)
+        assert stalled, "WATCHDOG=1 went on while paho's network thread was stuck"
+        assert "the MQTT network loop made no progress" in caplog.text
+        release.set()
+        resumed = time.monotonic()
+        listener.wait("WATCHDOG", "1", n=len(pings_since(listener, 0)) + 3)
+        assert pings_since(listener, resumed)
+        assert client.wait(reply_topic, 1)[0] == "echo: hello"  # and it serves again
+        assert "the MQTT network loop progresses again" in caplog.text
+    finally:
+        release.set()
+        agent.stop()
+
+
+@needs_broker
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_watchdog_pings_stop_for_good_once_the_mqtt_thread_died(
+    broker: Broker, notify_socket: Callable[[bool], NotifySocket],
+) -> None:
+    listener = notify_socket(False)
+    agent = watched_agent(broker, listener)
+    agent.start()
+    try:
+        listener.wait("READY", "1")
+
+        def fail() -> None:
+            raise RuntimeError("the online status could not be published")
+
+        # the SUBACK after the reconnect calls on_ready in paho's thread: its exception ends
+        # the thread, and with it every later request; only the watchdog can notice
+        agent.mqtt.on_ready = fail
+        broker.restart()
+        assert wait_until(lambda: agent.mqtt.loop_age() == float("inf"), 10)
+        dead = time.monotonic()
+        time.sleep(2 * agent.service.stall_limit)
+        assert pings_since(listener, dead + 0.3) == []  # one in flight may still arrive
+    finally:
+        agent.stop()
+
+
 def test_an_idle_engine_loop_still_ticks_its_heartbeat() -> None:
     import torch
 
@@ -416,6 +538,35 @@ def test_unit_is_notify_with_watchdog_and_stops_after_the_drain() -> None:
     assert unit["EnvironmentFile"] == ["/etc/vllm-deploy/vllm-deploy.env"]
 
 
+def test_unit_filters_system_calls_hides_other_processes_and_bounds_memory_and_tasks() -> None:
+    unit = unit_settings()
+    assert unit["SystemCallFilter"] == ["@system-service", "~@privileged"]
+    assert unit["SystemCallErrorNumber"] == ["EPERM"]  # refused, not killed
+    assert unit["SystemCallArchitectures"] == ["native"]
+    assert unit["ProtectProc"] == ["invisible"]
+    # pid would hide /proc/meminfo (psutil, CPU KV sizing) and /proc/driver/nvidia (libcuda)
+    assert unit["ProcSubset"] == ["all"]
+    assert unit["MemoryDenyWriteExecute"] == ["no"]  # PyTorch's oneDNN writes x86 code at run time
+    assert unit["MemoryMax"] == ["90%"] and unit["TasksMax"] == ["4096"]
+
+
+def systemd_analyze_security(unit: Path) -> float:
+    """The overall exposure ``systemd-analyze security --offline=true`` gives a unit file."""
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout[-2000:] + result.stderr[-2000:]
+    return float(found.group(1))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_security_rates_the_unit_at_most_two(tmp_path: Path) -> None:
+    # 3.4 before SystemCallFilter, ProtectProc and the limits; 1.8 with them
+    unit = tmp_path / "vllm-deploy.service"
+    unit.write_text(UNIT.read_text().replace("/opt/vllm-deploy", str(ROOT)))
+    assert systemd_analyze_security(unit) <= 2.0
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     # verify checks that ExecStart's program exists: point the unit at this checkout
@@ -432,6 +583,8 @@ def test_env_example_names_only_known_flags() -> None:
     names = re.findall(r"^#?VLLM_DEPLOY_(\w+)=", text, flags=re.MULTILINE)
     assert len(names) > 10
     assert [n for n in names if n.lower() not in BY_NAME] == []
+    others = re.findall(r"^#?(?!VLLM_DEPLOY_)([A-Z]\w*)=", text, flags=re.MULTILINE)
+    assert others == ["UNIT_MEMORY_MAX", "UNIT_TASKS_MAX"]  # install.sh's, not the agent's
 
 
 # ---- (f) install.sh ----------------------------------------------------------------------------
@@ -469,6 +622,52 @@ def test_install_with_a_root_folder_installs_the_files_and_keeps_the_env_file(tm
     assert "ExecStart=/srv/vd/.venv/bin/python /srv/vd/vLLMDeploy.py" in unit
     assert "/opt/vllm-deploy" not in unit and (root / "srv/vd/vLLMDeploy.py").is_file()
     assert not calls.exists()
+
+
+LIMITS = "etc/systemd/system/vllm-deploy.service.d/50-limits.conf"
+
+
+def test_install_writes_memory_and_tasks_limits_from_the_env_file(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    assert run_install("--root", str(root), "--no-venv", path=tmp_path).returncode == 0
+    assert not (root / LIMITS).exists()  # the example sets none: the unit's own apply
+    env = root / "etc/vllm-deploy/vllm-deploy.env"
+    memory, tasks = f"{secrets.randbelow(90) + 8}G", str(secrets.randbelow(4000) + 100)
+    env.write_text(env.read_text() + f'UNIT_MEMORY_MAX="{memory}"\n  UNIT_TASKS_MAX={tasks}  \n')
+    shutil.rmtree(root / "opt")
+    result = run_install("--root", str(root), "--limits", path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = (root / LIMITS).read_text().splitlines()
+    assert lines[2:] == ["[Service]", f"MemoryMax={memory}", f"TasksMax={tasks}"]
+    assert not (root / "opt").exists()  # --limits: the drop-in only, no code copied
+    if shutil.which("systemd-analyze"):  # systemd takes the drop-in without a warning
+        check = tmp_path / "check"
+        (check / "vllm-deploy.service.d").mkdir(parents=True)
+        (check / "vllm-deploy.service").write_text(
+            UNIT.read_text().replace("/opt/vllm-deploy", str(ROOT)))
+        shutil.copy(root / LIMITS, check / "vllm-deploy.service.d")
+        shown = subprocess.run(["systemd-analyze", "verify", str(check / "vllm-deploy.service")],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "50-limits.conf" not in shown.stderr, shown.stderr
+
+    env.write_text(env.read_text() + "UNIT_MEMORY_MAX=\nUNIT_TASKS_MAX=infinity\n")  # last one wins
+    assert run_install("--root", str(root), "--limits", path=tmp_path).returncode == 0
+    assert (root / LIMITS).read_text().splitlines()[2:] == ["[Service]", "TasksMax=infinity"]
+    env.write_text(env.read_text() + "UNIT_TASKS_MAX=\n")
+    assert run_install("--root", str(root), "--limits", path=tmp_path).returncode == 0
+    assert not (root / LIMITS).exists()
+
+
+@pytest.mark.parametrize("line", ["UNIT_MEMORY_MAX=lots", "UNIT_TASKS_MAX=12G",
+                                  "UNIT_MEMORY_MAX=1G ExecStartPre=/bin/sh"])
+def test_install_refuses_a_limit_systemd_would_not_take(tmp_path: Path, line: str) -> None:
+    root = tmp_path / "root"
+    assert run_install("--root", str(root), "--no-venv", path=tmp_path).returncode == 0
+    env = root / "etc/vllm-deploy/vllm-deploy.env"
+    env.write_text(env.read_text() + line + "\n")
+    result = run_install("--root", str(root), "--limits", path=tmp_path)
+    assert result.returncode != 0 and f"{line.split('=')[0]}=" in result.stderr
+    assert "infinity" in result.stderr and not (root / LIMITS).exists()
 
 
 def test_install_refuses_a_relative_prefix_and_unknown_options(tmp_path: Path) -> None:

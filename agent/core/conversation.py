@@ -1,8 +1,9 @@
 """One turn from admission to its end: the core's request path, in one class.
 
 A front door parses a request and calls ``Conversation.submit`` with a ``deliver``
-callback; the turn's one ``Outcome`` comes back through it. In between: dedupe,
-shutdown, rate limit and queue bound (each refusal delivered at once); one turn in
+callback; the turn's one ``Outcome`` comes back through it. In between: a copy of an
+answered request gets its reply again (agent.core.dedupe); shutdown, rate limit and
+queue bound (each refusal delivered at once, nothing remembered); one turn in
 flight per session, in arrival order; the prompt (system prompt, history, message)
 trimmed to the budget and handed to the engine; the engine's result made into the
 reply (reasoning split, output rules with one retry); the session recorded on
@@ -34,7 +35,7 @@ from typing import Any
 from agent.core import metrics as outcomes
 from agent.core.deadlines import DeadlineWatcher
 from agent.core.debug_log import debug_log
-from agent.core.dedupe import Deduper
+from agent.core.dedupe import AnsweredRequests, RequestKey, request_key
 from agent.core.metrics import RequestMetrics
 from agent.core.outcome import (
     CANCELLED,
@@ -79,7 +80,7 @@ class Conversation:
     def __init__(
         self, *, settings: CoreSettings, engine: EngineProtocol, projects: dict[str, ProjectSpec],
         sessions: SessionAccess, lanes: SessionLanes, builder: PromptBuilder,
-        limiter: RateLimiter, deduper: Deduper, rules: RuleReviewer, metrics: RequestMetrics,
+        limiter: RateLimiter, client_limiter: RateLimiter, answered: AnsweredRequests, rules: RuleReviewer, metrics: RequestMetrics,
         clock: Callable[[], float],
     ) -> None:
         self.settings = settings
@@ -89,8 +90,9 @@ class Conversation:
         self.lanes = lanes
         self.metrics = metrics
         self._builder = builder
-        self._limiter = limiter
-        self._deduper = deduper
+        self._limiter = limiter  # per session
+        self._client_limiter = client_limiter
+        self._answered = answered
         self._rules = rules
         self._clock = clock
         self._seq = itertools.count(1)
@@ -102,6 +104,7 @@ class Conversation:
         self._local = threading.local()  # .submitting: the turn this thread hands the engine
         self._watcher = DeadlineWatcher(self.expire, clock, done=lambda turn: turn.answered)
         self.stopping = False  # new requests get the shutting-down reply
+        self._closed = False  # stop(): no queued turn starts any more
 
     # ---- the front doors' API ----
 
@@ -109,46 +112,71 @@ class Conversation:
         self._watcher.start()
 
     def submit(self, request: TurnRequest, deliver: Deliver, stream: DeltaSink | None = None,
-               on_sent: OnSent | None = None, *, door: str) -> bool:
+               on_sent: OnSent | None = None, *, door: str, redelivery: bool = False,
+               client: str | None = None) -> bool:
         """Admits ``request``; its one Outcome goes to ``deliver`` (a refusal at once, here).
-        ``on_sent`` is called after that delivery; True: the turn holds it (it is called
-        later, maybe on another thread), False: the caller may call it as this returns.
-        ``door``: the front door's name, for the metrics."""
+        ``on_sent`` is called after that delivery; True: the core holds it (it is called
+        later, maybe on another thread, or never: see ``redelivery``), False: the caller may
+        call it as this returns. ``door``: the front door's name, for the metrics.
+        ``redelivery``: the transport delivers the request again, to this process or the
+        next, until ``on_sent`` is called (MQTT QoS 1 on a persistent session): once the core
+        stops, such a request that has not started is left to it, neither answered nor
+        acknowledged, instead of getting the shutting-down error. ``client``: who sent it, as
+        the front door can tell (``""``: it cannot), for the per-client rate limit; None:
+        only the session's limit applies."""
         key = (request.project, request.session_id)
-        if request.request_id and self._deduper.seen(key + (request.request_id,)):
-            # Delivered again (MQTT QoS 1 after a reconnect) while still being answered: its
-            # on_sent waits for that answer.
-            held = on_sent is not None and self.lanes.attach(key, request.request_id, on_sent)
-            log.info("duplicate request %s of session %s/%s ignored", request.request_id, *key)
-            return held
+        if request.request_id:
+            held = self._repeat(request, deliver, on_sent)
+            if held is not None:
+                return held
         if self.stopping:
+            if redelivery and on_sent is not None:
+                log.debug("stopping: a request of session %s/%s left to the broker", *key)
+                return True  # never acknowledged: the broker keeps it for the next process
             return self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN, door)
-        if not self._limiter.allow(key):
-            log.warning("rate limit hit by session %s/%s", *key)
+        limits = self._allow(key, None if client is None else (request.project, client))
+        if limits is None:
             return self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED, door)
         now = self._clock()
         turn = Turn(request, next(self._seq), now, deliver, door, stream,
-                    on_sent=[] if on_sent is None else [on_sent])
+                    on_sent=[] if on_sent is None else [on_sent],
+                    redelivery=redelivery and on_sent is not None)
         first = self.lanes.add(turn)
         if first is None:
             log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
+            self._refund(limits)
             return self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED, door)
         if self.stopping:  # stop() may have listed the pending turns before this one came
-            self.finish(turn, SHUTTING_DOWN)
+            self._end(turn)
             return True
         # Per request only DEBUG lines (here and when answered): an INFO line per request cost
         # the agent ~15% of its rate (docs/BENCHMARKS.md); the INFO stats line counts them.
-        log.debug("request %d accepted: session %s/%s client %s", turn.seq, *key, request.client_id)
+        log.debug("request %d accepted: session %s/%s client %.200r", turn.seq, *key, request.client_id)
         debug_log.debug("request %d session %s/%s message: %r", turn.seq, *key, request.message)
         self._watcher.add(now + self.settings.request_timeout, turn)
         if first:
             self._start(turn)
         return True
 
-    def is_repeat(self, project: str, session_id: str, request_id: str) -> bool:
-        """Whether a request that a front door refused itself (it did not parse) came before;
-        remembers it."""
-        return self._deduper.seen((project, session_id, request_id))
+    def _repeat(self, request: TurnRequest, deliver: Deliver,
+                on_sent: OnSent | None) -> bool | None:
+        """For a copy of an admitted request, what ``submit`` returns: True for one still
+        being answered (its ``on_sent``, if any, waits for that answer), False for one
+        answered with success (its reply is delivered again, here); else None."""
+        project, session_id, request_id = request.project, request.session_id, request.request_id
+        if self.lanes.attach(request, on_sent):
+            log.info("request %.200r of session %.200r/%.200r delivered again while being "
+                     "answered", request_id, project, session_id)
+            return on_sent is not None
+        # Kept before its turn gives up on_sent (finish): a copy that finds no turn above
+        # finds the reply here.
+        outcome = self._answered.reply_of(_request_key(request))
+        if outcome is None:
+            return None
+        log.info("request %.200r of session %.200r/%.200r delivered again: its reply sent again",
+                 request_id, project, session_id)
+        _safely(deliver, outcome)
+        return False
 
     def submit_given(self, request: GivenConversation, deliver: Deliver,
                      stream: DeltaSink | None = None, *, door: str) -> Turn | None:
@@ -158,9 +186,8 @@ class Conversation:
         if self.stopping:
             self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN, door)
             return None
-        if not self._limiter.allow((request.project, "#client", request.client_id or "")):
-            log.warning("rate limit hit by client %s of project %s", request.client_id,
-                        request.project)
+        limits = self._allow(None, (request.project, request.client_id or ""))
+        if limits is None:
             self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED, door)
             return None
         seq, now = next(self._seq), self._clock()
@@ -168,12 +195,13 @@ class Conversation:
         turn = Turn(request, seq, now, deliver, door, stream)
         if self.lanes.add(turn) is None:
             log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
+            self._refund(limits)
             self._refuse(request, deliver, OVERLOADED, outcomes.OVERLOADED, door)
             return None
         if self.stopping:
             self.finish(turn, SHUTTING_DOWN)
             return turn
-        log.debug("request %d accepted: a given conversation of project %s, client %s", seq,
+        log.debug("request %d accepted: a given conversation of project %s, client %.200r", seq,
                   request.project, request.client_id)
         self._watcher.add(now + self.settings.request_timeout, turn)
         self._spawn(self._run, turn)
@@ -190,13 +218,29 @@ class Conversation:
         self.stopping = True
 
     def stop(self) -> None:
-        """Ends every pending turn (shutting down), cancels their generation, stops threads."""
-        self.stopping = True
+        """Ends every pending turn, cancels their generation, stops threads. A turn that went
+        to the engine gets the shutting-down error; one that did not and that its transport
+        delivers again (``redelivery``) is left to it, unanswered."""
+        self.stopping = self._closed = True
+        left = 0
         for turn in self.lanes.unanswered():
-            if self.finish(turn, SHUTTING_DOWN) and turn.engine_id:
-                self.engine.cancel(turn.engine_id)
+            left += self._end(turn)
+        if left:
+            log.info("%d requests not started: left unacknowledged for the next process", left)
         self._watcher.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def template_problem(self, project: str, prompt: str) -> str | None:
+        """Why ``prompt`` cannot be a system prompt of ``project`` (too many tokens for the
+        prompt budget that a default-length reply leaves), or None. Checked when a template
+        is set, so that the sender hears of it, not each new session's user."""
+        limit = prompt_limit(self.settings.max_history_tokens, self.settings.max_tokens,
+                             self.engine.token_budget(project), self.engine.max_model_len)
+        tokens = len(self.engine.tokenizer.encode(prompt))
+        if tokens >= limit:
+            return (f"the template is too long: {tokens} tokens, and prompts of project "
+                    f"{project} hold at most {limit} (system prompt, history and message)")
+        return None
 
     @property
     def prompt_opens_reasoning(self) -> bool:
@@ -217,6 +261,40 @@ class Conversation:
         return {"pending": self.lanes.pending, "output_rules": self._rules.counts()}
 
     # ---- admission ----
+
+    def _allow(self, session: tuple[str, str] | None,
+               client: tuple[str, str] | None) -> list[tuple[RateLimiter, tuple]] | None:
+        """Counts a request against its session's and its client's rate limits (those that
+        are not None); None if one refuses it (then neither counts it). Returns what
+        ``_refund`` takes back if the request is refused later."""
+        counted: list[tuple[RateLimiter, tuple]] = []
+        for limiter, key, whose in ((self._limiter, session, "session"),
+                                    (self._client_limiter, client, "client")):
+            if key is None:
+                continue
+            if not limiter.allow(key):
+                log.warning("rate limit hit by %s %.200r of project %s", whose, key[1], key[0])
+                self._refund(counted)
+                return None
+            counted.append((limiter, key))
+        return counted
+
+    @staticmethod
+    def _refund(counted: list[tuple[RateLimiter, tuple]]) -> None:
+        for limiter, key in counted:
+            limiter.refund(key)
+
+    def _end(self, turn: Turn) -> bool:
+        """Ends a turn because the core stops; True if it was left to its transport."""
+        if turn.redelivery and turn.generation is None and turn.result is None:
+            if self.lanes.claim(turn):  # no reply, no on_sent: the broker delivers it again
+                self.lanes.take_on_sent(turn)
+                self.lanes.advance(turn)
+                return True
+            return False
+        if self.finish(turn, SHUTTING_DOWN) and turn.engine_id:
+            self.engine.cancel(turn.engine_id)
+        return False
 
     def _refuse(self, request: TurnRequest, deliver: Deliver, text: str, reason: str,
                 door: str) -> bool:
@@ -372,7 +450,7 @@ class Conversation:
                           turn.history.turns + [(turn.request.message, text)])
         if self.finish(turn, text, history):
             log.debug(
-                "request %d answered: session %s/%s client %s, %d prompt + %d completion tokens, "
+                "request %d answered: session %s/%s client %.200r, %d prompt + %d completion tokens, "
                 "%.2f s", turn.seq, *turn.key, turn.request.client_id, result.prompt_tokens,
                 len(result.token_ids), self._clock() - turn.accepted_at,
             )
@@ -390,13 +468,16 @@ class Conversation:
         ok = history is not None if ok is None else ok
         if history is not None:
             self.sessions.record(turn, history)
-        _safely(turn.deliver, Outcome(text, ok, turn.result))
+        outcome = Outcome(text, ok, turn.result)
+        _safely(turn.deliver, outcome)
+        if ok and getattr(turn.request, "request_id", None):  # before on_sent goes: _repeat
+            self._answered.remember(_request_key(turn.request), outcome)
         for on_sent in self.lanes.take_on_sent(turn):
             on_sent()
         self.metrics.answered(turn.request.project, ok, self._clock() - turn.accepted_at,
                               door=turn.door)
         following = self.lanes.advance(turn)
-        if following is not None:
+        if following is not None and not self._closed:  # closed: stop() ends it
             self._spawn(self._run, following)
         return True
 
@@ -408,6 +489,11 @@ class Conversation:
         reply = f"Error: no answer within {self.settings.request_timeout:g} s. Please try again."
         if self.finish(turn, reply) and turn.engine_id:
             self.engine.cancel(turn.engine_id)
+
+
+def _request_key(request: TurnRequest) -> RequestKey:
+    return request_key(request.project, request.session_id, request.request_id or "",
+                       request.message)
 
 
 def _safely(deliver: Deliver, outcome: Outcome) -> None:
@@ -429,6 +515,8 @@ def build_conversation(settings: CoreSettings, engine: EngineProtocol,
         builder=PromptBuilder(engine.tokenizer),
         limiter=RateLimiter(settings.max_requests_per_session, settings.rate_limit_window,
                             clock=clock),
-        deduper=Deduper(max(600.0, 2 * settings.request_timeout), clock=clock),
+        client_limiter=RateLimiter(settings.max_requests_per_client, settings.rate_limit_window,
+                                   clock=clock),
+        answered=AnsweredRequests(max(600.0, 2 * settings.request_timeout), clock=clock),
         rules=RuleReviewer(), metrics=RequestMetrics(clock), clock=clock,
     )

@@ -14,7 +14,7 @@ from engine.api import GenerationResult
 OPEN, CLOSE = "<think>", "</think>"
 REASONING_CUT_OFF = (
     "Error: the model was still reasoning when it reached maxTokens; "
-    "raise maxTokens (and --max_tokens) for this reasoning model"
+    "raise maxTokens (up to --max_tokens_limit) for this reasoning model"
 )
 EMPTY_ANSWER = "Error: the model returned an empty answer"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)

@@ -1,5 +1,6 @@
 """A turn's sampling: the request's own values, else its project's defaults, else the
-agent's (``CoreSettings``); the reply's length capped by ``--max_tokens``."""
+agent's (``CoreSettings``); the reply's length defaults to ``--max_tokens`` and is capped by
+``--max_tokens_limit`` (``CoreSettings.token_limit``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from projects import ProjectSpec
 
 
 def reply_tokens(request: TurnRequest, spec: ProjectSpec, settings: CoreSettings) -> int:
-    """Most tokens the reply may have, before the prompt's room is known."""
-    return min(request.max_tokens or spec.max_tokens or settings.max_tokens, settings.max_tokens)
+    """Most tokens the reply may have, before the prompt's room is known: what the request
+    asks for, else its project's default, else ``--max_tokens``; never above the limit."""
+    return min(request.max_tokens or spec.max_tokens or settings.max_tokens, settings.token_limit)
 
 
 def sampling_for(request: TurnRequest, spec: ProjectSpec, settings: CoreSettings,

@@ -34,6 +34,8 @@ class Turn:
     # Called after its result was delivered: its own, and those of copies of the request
     # delivered again meanwhile (same requestId); None once taken.
     on_sent: list[OnSent] | None = field(default_factory=list)
+    # Its transport delivers the request again until on_sent is called (Conversation.submit).
+    redelivery: bool = False
 
     key: SessionKey = field(init=False)  # (project, session id), asked for many times
 
@@ -47,6 +49,7 @@ class SessionLanes:
     def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when a turn is answered
         self._lanes: dict[SessionKey, deque[Turn]] = {}
         self._pending = 0
 
@@ -71,7 +74,13 @@ class SessionLanes:
                 return False
             turn.answered = True
             self._pending -= 1
+            self._room.notify()
             return True
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` s until a turn may be added; False if none may."""
+        with self._room:
+            return self._room.wait_for(lambda: self._pending < self.max_pending, timeout)
 
     def advance(self, turn: Turn) -> Turn | None:
         """Takes an answered ``turn`` off its lane; if it was in flight, returns the next to start."""
@@ -86,13 +95,16 @@ class SessionLanes:
                 return None
             return lane[0] if was_head else None
 
-    def attach(self, key: SessionKey, request_id: str, on_sent: OnSent) -> bool:
-        """Gives ``on_sent`` (of a copy of a request delivered again) to the turn of
-        ``request_id`` if its result is not out yet; False if there is no such turn."""
+    def attach(self, copy: TurnRequest, on_sent: OnSent | None) -> bool:
+        """Gives ``on_sent`` (of a ``copy`` of a request delivered again; None: nothing to
+        give) to the turn of the same requestId and message if its result is not out yet;
+        False if there is no such turn."""
         with self._lock:
-            for turn in self._lanes.get(key, ()):
-                if turn.request.request_id == request_id and turn.on_sent is not None:
-                    turn.on_sent.append(on_sent)
+            for turn in self._lanes.get((copy.project, copy.session_id), ()):
+                if (turn.request.request_id == copy.request_id and turn.on_sent is not None
+                        and turn.request.message == copy.message):
+                    if on_sent is not None:
+                        turn.on_sent.append(on_sent)
                     return True
             return False
 

@@ -21,6 +21,7 @@ from agent.core.outcome import INTERNAL, Outcome
 from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.envelope import Envelope, error_envelope
 from agent.mqtt.outbox import Outbox
+from agent.mqtt.owned import confine_error, confine_request
 from agent.mqtt.protocol import ChatRequest, ProtocolError, RequestParser
 from agent.mqtt.streaming import Stream, open_stream
 from agent.mqtt.topics import Topics
@@ -30,6 +31,28 @@ log = logging.getLogger(__name__)
 
 Shape = Callable[[Outcome], str]  # a request's outcome -> the payload to publish
 DOOR = "mqtt"  # this front door's name in the metrics
+# MQTT 5 User Properties that name the sender (a broker plug-in may set them from the
+# connection), in order of preference.
+SENDER_PROPERTIES = ("user", "clientId")
+MAX_CLIENT_KEY_CHARS = 256  # a client key kept by the rate limit: bounded
+
+
+def sender_of(request: ChatRequest, properties: Any, topics: Topics, owner: str | None) -> str:
+    """Who sent ``request``, for the per-client rate limit: the owner of the request topic
+    (``P/user_input/<owner>``, which the broker's ACL confines), else an MQTT 5 User Property
+    (above), else the client level of its reply topic (``P/assistant_response/<sessionId>/
+    <client>``), else its ``clientId``; "" if none (such requests share one allowance)."""
+    if owner:
+        return "o:" + owner[:MAX_CLIENT_KEY_CHARS]
+    for name, value in getattr(properties, "UserProperty", None) or ():
+        if name in SENDER_PROPERTIES and value:
+            return "u:" + value[:MAX_CLIENT_KEY_CHARS]
+    root = topics.reply_root(request.project)
+    if request.reply_topic.startswith(root):
+        levels = request.reply_topic[len(root):].split("/", 2)
+        if len(levels) > 1 and levels[1]:
+            return "t:" + levels[1][:MAX_CLIENT_KEY_CHARS]
+    return "c:" + request.client_id[:MAX_CLIENT_KEY_CHARS] if request.client_id else ""
 
 
 def shaped(shape: Shape | None, outcome: Outcome) -> str:
@@ -48,46 +71,66 @@ def shaped(shape: Shape | None, outcome: Outcome) -> str:
 
 class ChatDoor:
     def __init__(self, core: Conversation, topics: Topics, outbox: Outbox,
-                 max_payload_bytes: int) -> None:
+                 max_payload_bytes: int, redelivery: bool = False,
+                 room_wait: float = 0.0) -> None:
         self.core = core
         self.topics = topics
         self.outbox = outbox
-        self.parser = RequestParser(topics, max_payload_bytes, core.settings.max_tokens)
+        # The broker keeps an unacknowledged request for the next process (a persistent
+        # session): what the core has not started when it stops is left to it.
+        self.redelivery = redelivery
+        self.room_wait = room_wait
+        self.parser = RequestParser(topics, max_payload_bytes, core.settings.token_limit)
 
     def handle_message(self, topic: str, payload: bytes, properties: Any = None,
                        ack: Ack = NO_ACK) -> None:
         """``properties``: an MQTT v5 request's (Response Topic, Correlation Data), or None.
         ``ack``: held by the turn if one is accepted (sent after its reply), else left to the
-        caller, who sends it once this returns (every other path has replied by then)."""
-        project = self.topics.project_of(topic)
+        caller, who sends it once this returns (every other path has replied by then).
+
+        With the queue full, a QoS 1 request waits here, up to ``room_wait`` s, for room:
+        this blocks the MQTT thread, so the broker keeps the rest of a backlog. The Receive
+        Maximum should spare that, but Mosquitto 2.0 hands a resumed session's queued
+        requests over all at once (docs/RELIABILITY.md)."""
+        if ack is not NO_ACK and self.room_wait and not self.core.lanes.wait_for_room(
+                self.room_wait):
+            log.warning("queue still full after %g s: the request gets the overload reply",
+                        self.room_wait)
+        project, owner = self.topics.project_of(topic), None
+        if project is None:  # a client's own P/user_input/<owner> (agent.mqtt.owned)?
+            project, owner = self.topics.owned_request(topic) or (None, None)
         if project is None:
             log.warning("ignoring a message on unexpected topic %.200r", topic)
             return
         try:
-            request = self.parser.parse(project, payload)
+            request = apply_v5(self.parser.parse(project, payload), properties, self.topics)
+            if owner is not None:
+                request = confine_request(request, owner, self.topics)
         except ProtocolError as err:
-            self.reject(apply_v5_to_error(err, properties, self.topics))
+            err = apply_v5_to_error(err, properties, self.topics)
+            self.reject(err if owner is None else confine_error(err, owner, self.topics))
             return
-        self.submit(apply_v5(request, properties, self.topics), ack=ack)
+        self.submit(request, ack=ack, sender=sender_of(request, properties, self.topics, owner))
 
-    def submit(self, request: ChatRequest, shape: Shape | None = None, ack: Ack = NO_ACK) -> None:
+    def submit(self, request: ChatRequest, shape: Shape | None = None, ack: Ack = NO_ACK,
+               sender: str | None = None) -> None:
         """Hands a request (also one from another topic) to the core; ``shape`` makes the
         payload of its reply or error (None: the text itself, or the envelope if asked for).
-        ``ack``: see handle_message."""
+        ``ack``: see handle_message. ``sender``: for the per-client rate limit (None: only
+        the session's applies)."""
         core, options = self.core, request.options
         if shape is None and options.json:
             shape = Envelope(request, core.settings.skip_thinking, core.prompt_opens_reasoning)
         stream = open_stream(request, self.topics, self.outbox, core.settings.skip_thinking,
                              core.prompt_opens_reasoning) if options.stream else None
         if core.submit(request, partial(self._deliver, request, shape, stream), stream, ack,
-                       door=DOOR):
+                       door=DOOR, redelivery=self.redelivery and ack is not NO_ACK,
+                       client=sender):
             ack.hold()  # the turn acknowledges the request after its reply
 
     def reject(self, err: ProtocolError) -> None:
-        """Answers a request that did not parse (once per requestId)."""
-        if err.session_id and err.request_id and self.core.is_repeat(
-                err.project, err.session_id, err.request_id):
-            return
+        """Answers a request that did not parse (every copy: nothing of it is remembered, so
+        the fixed request may come with the same requestId)."""
         self.core.metrics.rejected(err.project, BAD_REQUEST, door=DOOR)
         if err.reply_topic is None:
             log.warning("bad request for project %s and no reply topic: %s", err.project, err.reply)

@@ -12,20 +12,23 @@ the door, which never blocks.
 Requests are acknowledged by hand (``manual_ack``, agent.mqtt.acks): the PUBACK goes
 after the reply was handed to paho, so a request the agent had received but not
 answered when it was killed is delivered again to the next process. The broker
-sends at most its limit of unacknowledged messages at a time: the Receive
-Maximum we send on MQTT 5 (65535), Mosquitto's ``max_inflight_messages``
-(default 20) on 3.1.1; the rest wait at the broker.
+sends at most its limit of unacknowledged messages at a time, the rest wait at the
+broker (backpressure, not a flood of overload errors after an outage): on MQTT 5
+the Receive Maximum we send, ``--max_queue`` (what the agent holds); on 3.1.1
+Mosquitto's ``max_inflight_messages`` (default 20), which must not exceed
+``--max_queue`` (README, "The broker's limits").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -35,7 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.backoff import Backoff, DropCounter
-from agent.mqtt.tls import configure_tls, handshake_message
+from agent.mqtt.tls import PLAIN_TO_TLS, answers_tls, configure_tls, handshake_message
 
 if TYPE_CHECKING:
     from agent.service.config import AgentConfig
@@ -48,9 +51,14 @@ _TAKEN_OVER = 142  # MQTT 5 DISCONNECT: another client connected with our client
 # Connections lost in a row within DropCounter's window: said once at ERROR, since it may be a
 # takeover that mosquitto signals by closing the socket, without MQTT 5's reason code 142.
 _FLAPPING = 3
-# Unacknowledged requests the broker may send us at once (MQTT 5): the most there is, so
-# that the agent's own --max_queue, not the broker, bounds what waits for a reply.
+# The most unacknowledged messages MQTT 5 lets a client ask for (Receive Maximum).
 RECEIVE_MAXIMUM = 65535
+
+
+def receive_maximum(max_queue: int) -> int:
+    """How many unacknowledged requests the broker may send us at once: as many as the agent
+    holds (``--max_queue``), so the rest wait at the broker instead of being refused."""
+    return max(1, min(RECEIVE_MAXIMUM, max_queue))
 
 Handler = Callable[[str, bytes, Properties | None, Ack], None]  # topic, payload, v5 props, ack
 Subscription = str | tuple[str, int]  # a topic (QoS 1) or (topic, QoS)
@@ -72,6 +80,39 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
+class _LoopClient(mqtt.Client):
+    """paho's client that notes when its network loop last came round (MqttClient.loop_age, for
+    the systemd watchdog): each pass of the loop (a select of at most 1 s while connected),
+    each reconnect attempt, and the end of the loop's thread (an exception out of a callback
+    ends it for good)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_tick = time.monotonic()
+        self.loop_ended = False
+
+    def loop_start(self) -> mqtt.MQTTErrorCode:
+        self.last_tick = time.monotonic()
+        return super().loop_start()
+
+    def loop_forever(self, *args: Any, **kwargs: Any) -> mqtt.MQTTErrorCode:
+        try:
+            return super().loop_forever(*args, **kwargs)
+        finally:
+            self.loop_ended = True
+
+    def loop_misc(self) -> mqtt.MQTTErrorCode:
+        self.last_tick = time.monotonic()
+        return super().loop_misc()
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        self.last_tick = time.monotonic()
+        try:
+            return super().reconnect()
+        finally:
+            self.last_tick = time.monotonic()
+
+
 class MqttClient:
     def __init__(
         self, config: AgentConfig, subscriptions: Sequence[Subscription], on_message: Handler
@@ -83,7 +124,7 @@ class MqttClient:
         from agent.mqtt.status import default_agent_id
 
         self.client_id = config.client_id or stable_client_id(config.agent_id or default_agent_id())
-        self._client = mqtt.Client(
+        self._client = _LoopClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
@@ -106,6 +147,7 @@ class MqttClient:
         self._client.on_socket_open = _no_delay
         self._subscribed = threading.Event()
         self._fatal: str | None = None
+        self._tls_probed = False  # _plain_port_is_tls: asked once per process
         self._last_error = "no answer from the broker"
         self._sub_mid: int | None = None
         self._connection = 0  # counts successful connects: an Ack belongs to one of them
@@ -126,6 +168,19 @@ class MqttClient:
         """Connected and subscribed."""
         return self._subscribed.is_set()
 
+    def loop_age(self) -> float | None:
+        """Seconds paho's network loop has not come round (the systemd watchdog's view): infinite
+        once its thread ended; a reconnect wait (at most ``--reconnect_max_delay``) does not count,
+        so a broker that is down is no stall. None before ``start()`` and once stopping."""
+        if not self._started or self._stopping:
+            return None
+        if self._client.loop_ended:
+            return math.inf
+        age = time.monotonic() - self._client.last_tick
+        if not self._connected:
+            age -= self.config.reconnect_max_delay
+        return max(0.0, age)
+
     def start(self, wait: bool = True, timeout: float | None = None) -> None:
         """Connects in the background; with ``wait``, returns once subscribed or raises."""
         if not self._started:
@@ -134,7 +189,7 @@ class MqttClient:
             if self.v5:
                 props = Properties(PacketTypes.CONNECT)
                 props.SessionExpiryInterval = self.config.session_expiry
-                props.ReceiveMaximum = RECEIVE_MAXIMUM
+                props.ReceiveMaximum = receive_maximum(self.config.max_queue)
                 kwargs = {"properties": props, "clean_start": False}
             self._client.connect_async(
                 self.config.mqtt_broker, self.config.mqtt_port, self.config.mqtt_keepalive, **kwargs
@@ -237,6 +292,20 @@ class MqttClient:
             self._fatal = message
         log.error("MQTT broker %s: %s", self.where, message)
 
+    def _plain_port_is_tls(self) -> bool:
+        """At start-up, once: the broker closed our plain connection before its CONNACK. If
+        the port answers TLS, that is fatal with the hint (retrying cannot help); later, the
+        loss of a working connection is an outage and is retried for ever."""
+        if self.config.mqtt_tls or self._tls_probed:
+            return False
+        self._tls_probed = True
+        timeout = min(2.0, self.config.connect_timeout)
+        if not answers_tls(self.config.mqtt_broker, self.config.mqtt_port, timeout):
+            return False
+        self._last_error = self._fatal = PLAIN_TO_TLS
+        log.error("MQTT broker %s: %s", self.where, PLAIN_TO_TLS)
+        return True
+
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self._last_error = "cannot reach the broker"
         wait = self._next_wait()
@@ -253,6 +322,8 @@ class MqttClient:
         was_connected, self._connected = self._connected, False
         if self._stopping:
             return
+        if not was_connected and self._connection == 0 and self._plain_port_is_tls():
+            return  # fatal: start() or wait_ready() raises, and stops us
         wait = self._next_wait()
         drops = self._drops.record() if was_connected else 0
         if reason_code.value == _TAKEN_OVER or drops == _FLAPPING:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from agent.core.session_access import SessionAccess
 from agent.core.sessions import Session, SessionKey
@@ -32,8 +33,14 @@ class ControlError(ValueError):
 
 class Control:
     def __init__(self, sessions: SessionAccess, topics: Topics, max_payload_bytes: int,
-                 plugins: dict[str, Plugin] | None = None) -> None:
+                 plugins: dict[str, Plugin] | None = None,
+                 template_problem: Callable[[str, str], str | None] = lambda p, t: None,
+                 reply: Callable[[str, str], None] | None = None) -> None:
+        """``template_problem(project, text)``: why a template cannot be used, or None.
+        ``reply(topic, text)``: publishes a refused template's error to its session."""
         self.sessions = sessions
+        self._template_problem = template_problem
+        self._reply = reply
         self.topics = topics
         self.max_payload_bytes = max_payload_bytes
         self.plugins = plugins or {}  # project -> its plug-in
@@ -61,8 +68,12 @@ class Control:
         except ControlError as exc:
             log.warning("%s of project %s not carried out: %s", action, project, exc)
             plugin = self.plugins.get(project)
-            if plugin and sid and sid.lower() != ALL and not session_id_problem(sid):
+            if not sid or sid.lower() == ALL or session_id_problem(sid):
+                return True  # no session to tell: the log line is all
+            if plugin:
                 plugin.control_failed(sid, str(exc))
+            elif action == "template" and self._reply is not None:
+                self._reply(self.topics.default_reply(project, sid), f"Error: {exc}")
         return True
 
     def _payload(self, payload: bytes) -> dict:
@@ -87,6 +98,9 @@ class Control:
             raise ControlError(str(exc)) from None
         if prompt is None and not own_fields:
             raise ControlError(f"no template: give one of {', '.join(TEMPLATE_FIELDS)}")
+        problem = None if prompt is None else self._template_problem(project, prompt)
+        if problem:
+            raise ControlError(problem)
         if sid is None:
             if prompt is not None:
                 self.sessions.set_default_prompt(project, prompt)

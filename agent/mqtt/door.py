@@ -32,7 +32,9 @@ class MqttDoor:
         self.core = core
         self.topics = topics
         self.outbox = Outbox(topics, publish)
-        self.chat = ChatDoor(core, topics, self.outbox, config.max_payload_bytes)
+        self.chat = ChatDoor(core, topics, self.outbox, config.max_payload_bytes,
+                             redelivery=config.mqtt_protocol != "5" or config.session_expiry > 0,
+                             room_wait=config.mqtt_keepalive / 2)  # the broker's patience
         self.plugins: dict[str, Plugin] = {}
         self._own_topics: dict[str, tuple[Plugin, str]] = {}  # topic -> (plug-in, its name)
         for project in config.projects:
@@ -41,11 +43,12 @@ class MqttDoor:
                 continue
             host = PluginHost(project, self.chat, topics, self.outbox, core.metrics,
                               config.max_payload_bytes, config.max_concurrent_sessions,
-                              config.session_timeout)
+                              config.session_timeout, config.state_rate_limit)
             plugin = self.plugins[project] = module.make(host)
             for name in module.requests:
                 self._own_topics[topics.base(project) + name] = (plugin, name)
-        self.control = Control(core.sessions, topics, config.max_payload_bytes, self.plugins)
+        self.control = Control(core.sessions, topics, config.max_payload_bytes, self.plugins,
+                               core.template_problem, self.outbox.publish)
         self.legacy = LegacyTopics(config, self.chat, core.sessions, core.metrics, self.outbox,
                                    topics) if config.legacy_topics else None
 

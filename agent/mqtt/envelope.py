@@ -6,7 +6,9 @@ One JSON object per reply, error included::
      "usage": {"promptTokens", "completionTokens", "cachedPromptTokens"},
      "timings": {"queueMs", "ttftMs", "totalMs"},
      "error": {"code", "message"},   # only on failure
-     "reasoning": "..."}             # only with "includeReasoning": true
+     "reasoning": "...",             # only with "includeReasoning": true
+     "maxTokens", "maxTokensApplied",          # only when the request gave maxTokens
+     "warnings": [{"code", "message"}, ...]}   # only when something asked was not done
 
 - ``text``: the reply as the plain-text client would get it (after output
   rules); "" on failure, where ``error.message`` is the plain-text reply of the
@@ -21,6 +23,12 @@ One JSON object per reply, error included::
   ``totalMs`` until done.
 - ``reasoning``: the text that ``--skip_thinking`` removed from the reply
   ("" if none; without ``--skip_thinking`` the reasoning stays in ``text``).
+- ``maxTokens``: the request's, as sent; ``maxTokensApplied``: the cap the
+  reply was generated under (lowered to ``--max_tokens_limit``, not refused).
+- ``warnings``: what the request asked that was not done, the request still
+  answered: ``max_tokens_capped`` (maxTokens above the limit), ``images_ignored``
+  (a text model answers the text only). A plain-text reply says nothing of
+  these: old clients show the payload verbatim.
 """
 
 from __future__ import annotations
@@ -68,6 +76,30 @@ def build(
     return envelope
 
 
+MAX_TOKENS_CAPPED, IMAGES_IGNORED = "max_tokens_capped", "images_ignored"
+
+
+def request_notes(request: ChatRequest) -> dict[str, Any]:
+    """The envelope's fields on what was made of the request: its maxTokens and warnings."""
+    notes: dict[str, Any] = {}
+    warnings = []
+    asked, applied = request.max_tokens_asked, request.max_tokens
+    if asked is not None:
+        notes["maxTokens"], notes["maxTokensApplied"] = asked, applied
+        if applied is not None and applied < asked:
+            warnings.append({"code": MAX_TOKENS_CAPPED, "message": (
+                f"maxTokens {asked} is above this agent's limit (--max_tokens_limit): "
+                f"{applied} applied")})
+    if request.images_ignored:
+        n = request.images_ignored
+        warnings.append({"code": IMAGES_IGNORED, "message": (
+            f"{n} image{'s' if n > 1 else ''} ignored: this model reads text only; "
+            f"the text was answered")})
+    if warnings:
+        notes["warnings"] = warnings
+    return notes
+
+
 def _dumps(envelope: dict[str, Any]) -> str:
     return json.dumps(envelope, ensure_ascii=False)
 
@@ -87,10 +119,12 @@ class Envelope:
             reasoning = ""
             if result is not None and self.skip_thinking:
                 reasoning = split_completion(result.text, self.prompt_opened)[1]
-        return _dumps(build(
+        envelope = build(
             request_id=req.request_id, session_id=req.session_id, project=req.project,
             client_id=req.client_id, text=text, ok=ok, result=result, reasoning=reasoning,
-        ))
+        )
+        envelope.update(request_notes(req))
+        return _dumps(envelope)
 
 
 def error_envelope(err: ProtocolError) -> str | None:

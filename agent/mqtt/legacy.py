@@ -3,8 +3,11 @@
 ``llama/user_input/<sid>`` and ``llama/driving/user_input/<sid>``: the payload
 is the user's text, the reply plain text on ``llama/assistant_response/<sid>``
 or ``llama/driving/assistant_response/<sid>``; an empty payload resets the
-session. ``llama/session``: any message gets a new session id on
-``llama/session/response``. ``--legacy_project`` and
+session. The bare topics (``llama/user_input``, no session level) were the old
+servers' session ``default``: answered on ``.../assistant_response/default``,
+as the old server did. ``llama/session`` and the racing game's
+``llama/driving/session``: any message gets a new session id on
+``<that topic>/response``. ``--legacy_project`` and
 ``--legacy_driving_project`` name the projects (prompt, output rules,
 sessions) that serve the two chat topics.
 """
@@ -21,7 +24,7 @@ from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.chat import DOOR, ChatDoor
 from agent.mqtt.outbox import Outbox
 from agent.mqtt.protocol import ChatRequest, session_id_problem
-from agent.mqtt.topics import LEGACY_CHAT, LEGACY_SESSION, LEGACY_SESSION_REPLY, Topics
+from agent.mqtt.topics import LEGACY_CHAT, LEGACY_SESSIONS, Topics
 
 if TYPE_CHECKING:
     from agent.service.config import AgentConfig
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESET_REPLY = "Dialog has been reset."
+DEFAULT_SESSION = "default"  # a bare request topic's session (the old servers' fallback)
 
 
 def legacy_projects(config: AgentConfig) -> dict[str, str]:
@@ -45,25 +49,29 @@ class LegacyTopics:
         self.sessions = sessions
         self.metrics = metrics
         self.outbox = outbox
-        # "<request topic>/" -> ("<reply topic>/", project)
+        # "<request topic>" -> ("<reply topic>/", project)
         self._chat = {
-            topics.legacy(request) + "/": (topics.legacy(LEGACY_CHAT[request]) + "/", project)
+            topics.legacy(request): (topics.legacy(LEGACY_CHAT[request]) + "/", project)
             for request, project in legacy_projects(config).items()
         }
-        self._session = topics.legacy(LEGACY_SESSION)
-        self._session_reply = topics.legacy(LEGACY_SESSION_REPLY)
+        # handshake topic -> its answer's topic
+        self._sessions = {topics.legacy(t): topics.legacy(r) for t, r in LEGACY_SESSIONS.items()}
 
     def handle(self, topic: str, payload: bytes, ack: Ack = NO_ACK) -> bool:
         """True if ``topic`` is a legacy topic (then it is handled); a chat turn takes ``ack``
         with it (agent.mqtt.acks)."""
-        if topic == self._session:
+        session_reply = self._sessions.get(topic)
+        if session_reply is not None:
             session_id = secrets.token_hex(5)
-            log.info("legacy session handshake: new session %s", session_id)
-            self.outbox.publish(self._session_reply, session_id)
+            log.info("legacy session handshake on %s: new session %s", topic, session_id)
+            self.outbox.publish(session_reply, session_id)
             return True
-        for prefix, (reply_prefix, project) in self._chat.items():
-            if topic.startswith(prefix):
-                self._chat_turn(topic[len(prefix):], reply_prefix, project, payload, ack)
+        for request, (reply_prefix, project) in self._chat.items():
+            if topic == request:  # no session level: the old servers' "default" session
+                self._chat_turn(DEFAULT_SESSION, reply_prefix, project, payload, ack)
+                return True
+            if topic.startswith(request) and topic[len(request)] == "/":
+                self._chat_turn(topic[len(request) + 1:], reply_prefix, project, payload, ack)
                 return True
         return False
 

@@ -17,6 +17,9 @@ from agent.mqtt.topics import Topics
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 256
+# requestId and clientId are kept past the request (the answered replies, the per-client
+# rate limit, log lines): bounded like sessionId.
+MAX_ID_CHARS = 256
 _KNOWN = {
     "message", "sessionId", "temperature", "topP", "maxTokens", "systemPrompt",
     "prompt_template", "replyTopic", "clientId", "requestId", "images",
@@ -40,7 +43,7 @@ class ChatRequest:
     reply_topic: str
     temperature: float | None = None  # None: the project's / agent's default
     top_p: float | None = None
-    max_tokens: int | None = None  # already capped by --max_tokens
+    max_tokens: int | None = None  # already capped by --max_tokens_limit
     system_prompt: str | None = None
     client_id: str | None = None
     request_id: str | None = None
@@ -48,6 +51,8 @@ class ChatRequest:
     extras: dict[str, Any] = field(default_factory=dict)  # fields beyond part A
     options: Options = PLAIN  # part C
     correlation_data: bytes | None = None  # MQTT v5, echoed on the reply
+    max_tokens_asked: int | None = None  # maxTokens as sent, before the cap (the envelope's)
+    images_ignored: int = 0  # images the request held: not read, only counted (the envelope's)
 
     @property
     def reset(self) -> bool:
@@ -57,7 +62,7 @@ class ChatRequest:
     @classmethod
     def of(cls, *values: Any) -> ChatRequest:
         """``cls(*values)`` with every field given, in half the time: the frozen __init__ sets
-        each of the 14 fields through object.__setattr__ (a fifth of a usual parse)."""
+        each of the 16 fields through object.__setattr__ (a fifth of a usual parse)."""
         request = object.__new__(cls)
         request.__dict__.update(zip(_REQUEST_FIELDS, values, strict=True))
         return request
@@ -137,10 +142,27 @@ def _show(value: Any) -> str:
 
 
 def _optional_id(data: dict, key: str) -> str | None:
+    """The id as a string; None if absent, or too long to echo (see ``_check_ids``)."""
     value = data.get(key)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return _utf8(value) if isinstance(value, str) and value else None
+        return str(value)[:MAX_ID_CHARS]
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        return None
+    return _utf8(value)
+
+
+def _check_ids(data: dict) -> None:
+    for key in ("requestId", "clientId"):
+        value = data.get(key)
+        if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+            raise ValueError(f"{key} is longer than {MAX_ID_CHARS} characters")
+
+
+def _has_text(data: dict) -> bool:
+    message = data.get("message")
+    if message is None:
+        return False
+    return not isinstance(message, str) or bool(message.strip())  # a non-string: its own error
 
 
 def _message(data: dict, options: Options) -> str:
@@ -150,6 +172,22 @@ def _message(data: dict, options: Options) -> str:
     if options.command is None and (not message or not message.strip()):
         raise ValueError("empty message")
     return _utf8((message or "").strip())
+
+
+def _images(data: dict) -> int:
+    """How many images the request holds (a list's length; any other non-empty value is one).
+    A text model reads none: only the count is kept, never the data."""
+    images = data.get("images")
+    if not images:
+        return 0
+    return len(images) if isinstance(images, list) else 1
+
+
+def _drop_images(data: dict) -> None:
+    """A refused request's object travels with its error (the envelope reads a few fields):
+    not its images, which may be megabytes."""
+    if data.get("images"):
+        del data["images"]
 
 
 def _system_prompt(data: dict) -> str | None:
@@ -167,7 +205,9 @@ def _system_prompt(data: dict) -> str | None:
 
 
 class RequestParser:
-    """Turns one payload of ``P/user_input`` into a ChatRequest or raises ProtocolError."""
+    """Turns one payload of ``P/user_input`` into a ChatRequest or raises ProtocolError.
+    ``max_tokens``: the cap of a request's ``maxTokens`` (``--max_tokens_limit``); a larger
+    one is lowered to it, not refused (old clients read errors badly; the envelope says so)."""
 
     def __init__(self, topics: Topics, max_payload_bytes: int, max_tokens: int) -> None:
         self.topics = topics
@@ -217,6 +257,7 @@ class RequestParser:
 
     def _error(self, project: str, data: dict, reply: str) -> ProtocolError:
         """An error for ``data``, sent where its answer would have gone, if that is known."""
+        _drop_images(data)
         request_id = _optional_id(data, "requestId")
         try:
             session_id, _ = self._session(project, data)
@@ -239,13 +280,18 @@ class RequestParser:
         try:
             usual = _USUAL.issuperset(data)
             options = PLAIN if usual else parse_options(data)
+            images = 0 if usual else _images(data)
+            if images and options.command is None and not _has_text(data):
+                raise ValueError("this model does not accept images, and the message has no text")
             message = _message(data, options)
+            _check_ids(data)
             client_id, request_id = _optional_id(data, "clientId"), _optional_id(data, "requestId")
             if usual:  # what follows would find no field and give these defaults
                 return ChatRequest.of(project, session_id, message, reply_topic, None, None, None, None,
-                                      client_id, request_id, generated, {}, PLAIN, None)
-            if data.get("images"):
-                raise ValueError("this model does not accept images")
+                                      client_id, request_id, generated, {}, PLAIN, None, None, 0)
+            if images:  # the old servers answered the text: so do we (the envelope says so)
+                log.debug("request %.80r of project %s: %d image(s) ignored (text model)",
+                          request_id, project, images)
             max_tokens = _positive_int(data, "maxTokens")
             return ChatRequest.of(
                 project, session_id, message, reply_topic,
@@ -254,9 +300,10 @@ class RequestParser:
                 None if max_tokens is None else min(max_tokens, self.max_tokens),
                 _system_prompt(data), client_id, request_id, generated,
                 {k: v for k, v in data.items() if k not in _KNOWN},  # fields beyond part A
-                options, None,
+                options, None, max_tokens, images,
             )
         except ValueError as exc:
+            _drop_images(data)
             raise ProtocolError(
                 f"Error: {exc}", reply_topic, project, session_id,
                 _optional_id(data, "requestId"), data,

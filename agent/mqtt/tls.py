@@ -10,11 +10,18 @@ paho's network thread swallows the exception of a failed handshake and retries
 for ever; the context here hands it to ``on_handshake_error`` first, so that the
 agent can fail at start-up with the reason (a broker certificate that does not
 verify is a configuration error, not an outage).
+
+The reverse case, a plain connection to a TLS listener, shows nothing but a
+connection closed before the CONNACK (paho: "Unspecified error"), which a broker
+that is shutting down or full also does. ``answers_tls`` asks the port itself,
+once, at start-up: a TLS handshake that gets an answer means the agent lacks
+``--mqtt_tls``, and the start fails with that hint instead of retrying for ever.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -33,6 +40,11 @@ _CONFIG_REASONS = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the broker requires a client certificate "
                                          "(--mqtt_certfile, --mqtt_keyfile)",
 }
+# A broker that closed our plain connection before its CONNACK and answers TLS on that port.
+PLAIN_TO_TLS = ("the broker closed the plain MQTT connection before answering, and the port "
+                "answers TLS: is the port a TLS listener? use --mqtt_tls (and --mqtt_ca_certs "
+                "for a private CA)")
+_ALERT_PREFIXES = ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_")
 _FILES = (("mqtt_ca_certs", "CA certificate"), ("mqtt_certfile", "client certificate"),
           ("mqtt_keyfile", "private key"))
 
@@ -156,3 +168,21 @@ def handshake_message(exc: OSError) -> tuple[str, bool]:
     if reason in _CONFIG_REASONS:
         return f"TLS handshake failed ({reason}): {_CONFIG_REASONS[reason]}", True
     return f"TLS handshake failed ({reason})", False
+
+
+def answers_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a TLS handshake: a TLS listener, which hangs up on a plain
+    MQTT CONNECT without a word. Only the kind of listener is asked, so nothing is verified;
+    a TLS alert (e.g. "certificate required") is an answer too. A plain MQTT listener hangs
+    up on the ClientHello: False, as for no answer within ``timeout`` s."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=host):
+            return True
+    except ssl.SSLError as exc:
+        return str(getattr(exc, "reason", None) or "").startswith(_ALERT_PREFIXES)
+    except OSError:  # reset, closed, refused, timed out
+        return False

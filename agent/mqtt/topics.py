@@ -18,14 +18,19 @@ CONTROL = ("template", "clear_history", "delete_session")
 # A project's own request topics beyond user_input (part B) and reply trees come from its
 # plug-in (projects.plugins): maze's state and hint.
 # Plain-text topics of the older game clients (part B, --legacy_topics): request topic (with a
-# "/<sessionId>" suffix) -> reply topic (same suffix); the session handshake and its answer.
+# "/<sessionId>" suffix, or none: the old servers' session "default") -> reply topic (same
+# suffix); the session handshakes (the chat server's and the racing game's driving server's)
+# -> their answers.
 LEGACY_CHAT = {
     "llama/user_input": "llama/assistant_response",
     "llama/driving/user_input": "llama/driving/assistant_response",
 }
-LEGACY_SESSION, LEGACY_SESSION_REPLY = "llama/session", "llama/session/response"
-LEGACY_REQUESTS = (*LEGACY_CHAT, LEGACY_SESSION)
-_LEGACY_CHAT_LEVELS = frozenset(t.split("/")[-2] for t in LEGACY_CHAT)  # before "user_input"
+LEGACY_SESSIONS = {
+    "llama/session": "llama/session/response",
+    "llama/driving/session": "llama/driving/session/response",
+}
+LEGACY_REQUESTS = (*LEGACY_CHAT, *LEGACY_SESSIONS)
+_LEGACY_SESSION_LEVELS = tuple(t.split("/") for t in LEGACY_SESSIONS)
 QOS_LEGACY = 0  # what the old game clients use
 MAX_TOPIC_BYTES = 65535
 WILDCARDS = ("+", "#", "\0")
@@ -95,17 +100,18 @@ def filters_overlap(a: str, b: str) -> bool:
 def looks_like_request(topic: str) -> bool:
     """Whether ``topic`` has the shape of a request or control topic of some project under some
     prefix (another agent on the same broker): ``.../P/user_input``, ``.../P/template[/sid]``,
-    a project plug-in's (``.../maze/state``), ``.../llama/session``,
-    ``.../llama[/driving]/user_input/sid``."""
+    a project plug-in's (``.../maze/state``), ``.../llama[/driving]/session``,
+    a client's own ``.../P/user_input/<owner>`` and ``.../llama[/driving]/user_input/sid``."""
     levels = topic.split("/")
     if len(levels) < 2:
         return False
     last, before = levels[-1], levels[-2]
     if last == REQUEST or last in CONTROL or before in CONTROL:
         return True
-    if (before, last) == ("llama", "session") or (before, last) in plugin_requests():
+    if (before, last) in plugin_requests() or any(
+            levels[-len(tail):] == tail for tail in _LEGACY_SESSION_LEVELS):
         return True
-    return before == REQUEST and len(levels) >= 3 and levels[-3] in _LEGACY_CHAT_LEVELS
+    return before == REQUEST  # a client's own P/user_input/<owner>, or a legacy chat topic
 
 
 class Topics:
@@ -125,13 +131,14 @@ class Topics:
         exact = set(self._project_of_request)
         under: set[str] = set(reserved_prefixes)
         for p in self.projects:
+            under.add(self.user_input(p) + "/")  # a client's own request topic
             for name in CONTROL + self.own_requests.get(p, ()):
                 exact.add(self.base(p) + name)
                 under.add(self.base(p) + name + "/")
         for legacy in LEGACY_REQUESTS:
             for t in (legacy, self.prefix + legacy):
                 exact.add(t)
-                if legacy != LEGACY_SESSION:  # its answer lives under it: llama/session/response
+                if legacy not in LEGACY_SESSIONS:  # their answers live under them: .../response
                     under.add(t + "/")
         self._reserved_exact = frozenset(exact)
         self._reserved_under = tuple(sorted(under))
@@ -167,18 +174,27 @@ class Topics:
         (maze state) and, with ``legacy``, the old game topics, with their QoS. None is a
         wildcard over a reply topic."""
         topics = [(t, 1) for t in self.subscriptions()]
+        topics += [(t + "/+", 1) for t in self.subscriptions()]  # owned: P/user_input/<owner>
         for p in self.projects:
             for action in CONTROL:
                 topics += [(self.control(p, action), 1), (self.control(p, action) + "/+", 1)]
             topics += [(self.base(p) + name, 1) for name in self.own_requests.get(p, ())]
-        if legacy:
-            topics += [(self.legacy(t) + "/+", QOS_LEGACY) for t in LEGACY_CHAT]
-            topics.append((self.legacy(LEGACY_SESSION), QOS_LEGACY))
+        if legacy:  # each chat topic with a session level, and bare (session "default")
+            topics += [(self.legacy(t) + end, QOS_LEGACY)
+                       for t in LEGACY_CHAT for end in ("/+", "")]
+            topics += [(self.legacy(t), QOS_LEGACY) for t in LEGACY_SESSIONS]
         return topics
 
     def project_of(self, topic: str) -> str | None:
         """The project whose chat request topic ``topic`` is."""
         return self._project_of_request.get(topic)
+
+    def owned_request(self, topic: str) -> tuple[str, str] | None:
+        """``(project, owner)`` for a client's own request topic ``P/user_input/<owner>``
+        (agent.mqtt.owned), else None."""
+        base, _, owner = topic.rpartition("/")
+        project = self._project_of_request.get(base)
+        return None if project is None or not owner else (project, owner)
 
     def parse_control(self, topic: str) -> tuple[str, str, str | None] | None:
         """``(project, action, session suffix or None)`` for a control topic, else None."""

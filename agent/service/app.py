@@ -20,6 +20,7 @@ from agent.mqtt.status import AgentInfo, StatusReporter, check_service_topics, d
 from agent.mqtt.topics import Topics
 from agent.service.checks import check_agent_config
 from agent.service.config import AgentConfig
+from agent.service.mosquitto_acl import log_control_access
 from agent.service.notifier import ServiceNotifier, status_text
 from agent.service.prometheus import AgentCollector, PrometheusEndpoint, exposition
 from agent.service.session_store import open_store
@@ -162,9 +163,12 @@ class Agent:
         if first:
             log.info("starting agent %s for projects %s", self.agent_id,
                      ", ".join(self.config.projects))
+            log_control_access(self.config)
             self._start_or_stop(self.prometheus)
             self.engine.start()
             self.service.watch(self.engine, lambda: status_text(self.projects, self.metrics_summary()))
+            # WATCHDOG=1 also needs paho's thread alive and coming round (not while reconnecting)
+            self.service.watch_loop("MQTT network loop", self.mqtt.loop_age)
             self.service.start()
             self.core.start()
             self._start_or_stop(self.http)

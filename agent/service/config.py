@@ -12,6 +12,15 @@ from agent.core.settings import CoreSettings
 from projects import validate_project_name
 
 
+def broker_user_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a broker user of the ACL (agent.service.mosquitto_acl), or None:
+    its %u patterns make the name one topic level, and a line of the ACL file ends at a space."""
+    if not name or not name.isprintable() or any(c in name for c in " /+#%"):
+        return (f"broker user name {name!r} must be one topic level: not empty, no '/', '+', "
+                "'#', '%', space or control character")
+    return None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     projects: tuple[str, ...] = ("general",)
@@ -31,19 +40,23 @@ class AgentConfig:
     mqtt_tls_insecure: bool = False
     share_group: str | None = None  # $share/<group>/<project>/user_input
     topic_prefix: str = ""  # e.g. "clinic1/": every project topic starts with it
+    control_users: tuple[str, ...] = ()  # broker users allowed on the control topics (ACL)
     connect_timeout: float = 30.0  # start() waits this long for connect + subscribe
     reconnect_max_delay: float = 30.0  # cap of the exponential reconnect backoff (s)
     # generation defaults (a request or a project may narrow them)
     temperature: float = 0.7
     top_p: float = 0.9
-    max_tokens: int = 256
+    max_tokens: int = 256  # a reply's length unless a request asks for another
+    max_tokens_limit: int | None = None  # most a request may ask for; None: max_tokens
     max_history_tokens: int = 2000
     skip_thinking: bool = True
     # sessions and limits
     max_concurrent_sessions: int = 100
     session_timeout: float = 3600.0
     max_requests_per_session: int = 20
+    max_requests_per_client: int = 120
     rate_limit_window: float = 60.0
+    state_rate_limit: int = 20  # game states (maze/state) per second per session
     max_queue: int = 256  # accepted but unanswered requests; above: "Server is overloaded"
     max_payload_bytes: int = 1_000_000
     request_timeout: float = 100.0  # a reply (maybe an error) before clients give up (45-120 s)
@@ -74,12 +87,16 @@ class AgentConfig:
         if self.mqtt_protocol not in ("3.1.1", "5"):
             raise ValueError(f"mqtt_protocol must be '3.1.1' or '5', got {self.mqtt_protocol!r}")
         for name in ("max_tokens", "max_history_tokens", "max_concurrent_sessions",
-                     "max_requests_per_session", "max_queue", "max_payload_bytes", "num_workers"):
+                     "max_requests_per_session", "max_requests_per_client", "state_rate_limit",
+                     "max_queue", "max_payload_bytes", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("session_timeout", "rate_limit_window", "request_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < self.max_tokens:
+            raise ValueError(f"max_tokens_limit ({self.max_tokens_limit}) must be >= max_tokens "
+                             f"({self.max_tokens}), the length of a reply that asks for none")
         if self.stats_interval < 0:
             raise ValueError(f"stats_interval must be >= 0, got {self.stats_interval}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -92,6 +109,10 @@ class AgentConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in 0..65535, got {self.http_port}")
+        for user in self.control_users:
+            problem = broker_user_problem(user)
+            if problem:
+                raise ValueError(f"control_users: {problem}")
         validate_project_name(self.legacy_project)
         validate_project_name(self.legacy_driving_project)
 
@@ -99,8 +120,10 @@ class AgentConfig:
         """What the conversation core needs of these."""
         return CoreSettings(
             temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
+            max_tokens_limit=self.max_tokens_limit,
             max_history_tokens=self.max_history_tokens, skip_thinking=self.skip_thinking,
             max_requests_per_session=self.max_requests_per_session,
+            max_requests_per_client=self.max_requests_per_client,
             rate_limit_window=self.rate_limit_window, max_queue=self.max_queue,
             request_timeout=self.request_timeout, num_workers=self.num_workers,
         )

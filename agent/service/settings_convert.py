@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def convert(flag: Flag, raw: Any, source: str) -> Any:
         items = [raw] if text is not None else raw
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
             raise fail(f"must be names separated by spaces or commas, got {raw!r}")
+        if flag.name != "projects":  # other names (broker users): checked where they are used
+            names = [n for i in items for n in re.split(r"[\s,]+", i.strip()) if n]
+            return () if [n.lower() for n in names] in ([], ["none"]) else tuple(dict.fromkeys(names))
         try:
             return parse_projects_arg(items)
         except ValueError as exc:

@@ -139,7 +139,13 @@ FLAGS: tuple[Flag, ...] = (
        maximum=2),
     _f("top_p", "float", 0.9, "agent", G, "default nucleus sampling top-p", minimum=0,
        maximum=1),
-    _f("max_tokens", "int", 512, "agent", G, "most tokens in one reply", minimum=1),
+    _f("max_tokens", "int", 512, "agent", G,
+       "tokens in one reply when the request asks for no number (maxTokens, max_tokens)",
+       minimum=1),
+    _f("max_tokens_limit", "int", None, "agent", G,
+       "most tokens a request may ask for in one reply; a larger maxTokens / max_tokens is "
+       "lowered to it (the JSON envelope says so); unset: --max_tokens", optional=True,
+       minimum=1),
     _f("max_history_tokens", "int", 3000, "agent", G,
        "most prompt tokens (system prompt + history + new turn); oldest turns go first",
        minimum=1),
@@ -152,7 +158,16 @@ FLAGS: tuple[Flag, ...] = (
        "seconds an idle session is kept", minimum=0),
     _f("max_requests_per_session", "int", 20, "agent", S,
        "requests one session may send per --rate_limit_window", minimum=1),
+    _f("max_requests_per_client", "int", 120, "agent", S,
+       "requests one client may send per --rate_limit_window over all its sessions (the "
+       "client: the reply topic's client level, else `clientId`; requests with neither "
+       "share one allowance per project)", minimum=1),
     _f("rate_limit_window", "float", 60.0, "agent", S, "rate-limit window in seconds", minimum=0),
+    _f("state_rate_limit", "int", 20, "agent", S,
+       "game states (maze/state) one session may send per second, counted instead of "
+       "--max_requests_per_session (20: a 100 ms tick, with room for its jitter); while a "
+       "state is being answered, a newer one waits in its place and replaces any that "
+       "waited", minimum=1),
     _f("max_queue", "int", 256, "agent", S,
        "accepted but unanswered requests; above it a request gets the overload reply",
        minimum=1),
@@ -211,11 +226,17 @@ FLAGS: tuple[Flag, ...] = (
        "subscribe through the shared subscription $share/NAME/<project>/user_input, so that "
        "several agents split the requests (use a shared --session_store)", optional=True,
        metavar="NAME"),
+    _f("control_users", "list", (), "agent", Q,
+       "broker users that may publish on the control topics (P/template, P/clear_history, "
+       "P/delete_session); the broker enforces it with the ACL that `python -m "
+       "agent.service.mosquitto_acl` prints (README: Security model); empty: a WARNING at "
+       "start, the control topics are as open as the broker leaves them", metavar="USER"),
     _f("topic_prefix", "str", "", "agent", Q,
        "prefix of every project topic, e.g. clinic1/ (default: none)", metavar="PREFIX"),
     _f("legacy_topics", "bool", False, "agent", Q,
-       "also serve the older game clients' plain-text topics llama/user_input/<sid>, "
-       "llama/driving/user_input/<sid> and llama/session (PROTOCOL.md part B)"),
+       "also serve the older game clients' plain-text topics llama/user_input[/<sid>], "
+       "llama/driving/user_input[/<sid>], llama/session and llama/driving/session "
+       "(PROTOCOL.md part B)"),
     _f("legacy_project", "str", "general", "agent", Q,
        "project whose prompt, rules and sessions serve llama/user_input/<sid>",
        metavar="NAME"),
