@@ -1,6 +1,6 @@
 """The maze game's hint rules: game state -> the model's user message; model text -> one JSON hint.
 
-Part B of PROTOCOL.md. Pure: the agent (``agent/maze_state.py``) keeps the
+Part B of PROTOCOL.md. Pure: the plug-in (``projects/maze_plugin.py``) keeps the
 per-session wall-break count and publishes what these functions return.
 """
 

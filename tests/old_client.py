@@ -54,7 +54,8 @@ class OldClient:
         self._client.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(5)
 
     def request(
-        self, project: str, session: str, message: object, subscribe: bool = True, **fields: object
+        self, project: str, session: str, message: object, subscribe: bool = True, qos: int = 1,
+        **fields: object,
     ) -> str:
         """Publishes like the old clients (deep reply topic); returns the topic it listens on."""
         reply_topic = fields.pop("replyTopic", f"{project}/assistant_response/{session}/{self.client_id}")
@@ -62,7 +63,7 @@ class OldClient:
             self.subscribe(str(reply_topic))
         payload = {"sessionId": session, "message": message, "replyTopic": reply_topic,
                    "clientId": self.client_id, **fields}
-        self.publish(f"{project}/user_input", json.dumps(payload))
+        self.publish(f"{project}/user_input", json.dumps(payload), qos=qos)
         return str(reply_topic)
 
     def ask(self, project: str, session: str, message: object, timeout: float = 10.0, **fields: object) -> str:

@@ -270,7 +270,7 @@ def test_usual_request_fields(parser: RequestParser) -> None:
 
 def test_request_of_is_the_constructor() -> None:
     values = ("p", "s", "m", "p/assistant_response/s", 0.5, 0.9, 12, "sys", "c", "r", True,
-              {"x": 1}, Options(stream=True), b"cd", 20, 1)
+              {"x": 1}, Options(stream=True), b"cd", 20, 1, 30.0)
     made = ChatRequest.of(*values)
     assert made == ChatRequest(*values) and type(made) is ChatRequest
     assert replace(made, reply_topic="t") == ChatRequest(*values[:3], "t", *values[4:])

@@ -362,3 +362,21 @@ def test_prompt_opened_reasoning_is_stripped_up_to_the_close(make_router: MakeRo
     router, _, replies = make_router(engine)
     send(router, sessionId="s1", message="hello")
     assert replies.wait(1) == [("maze/assistant_response/s1", "Hello!")]
+
+
+def test_a_request_states_its_own_deadline(make_router: MakeRouter) -> None:
+    """Issue 15 item 17: `timeoutS` (capped by --request_timeout): at its deadline the request
+    gets the timeout error, and the late answer is never published (a client that gave up
+    would take it as the answer to its next question)."""
+    router, engine, replies = make_router(FakeEngine(delay=0.6), request_timeout=0.4)
+    send(router, sessionId="own", message="quick", timeoutS=0.1)
+    send(router, sessionId="cap", message="capped", timeoutS=1000)
+    items = replies.wait(2, timeout=3)
+    time.sleep(0.5)  # the engine's late answers come and go unpublished
+    assert replies.on("maze/assistant_response/own") == [
+        "Error: no answer within 0.1 s. Please try again."]
+    assert replies.on("maze/assistant_response/cap") == [
+        "Error: no answer within 0.4 s. Please try again."]
+    assert len(replies.items) == 2 and items[0][0] == "maze/assistant_response/own"
+    send(router, sessionId="bad", message="x", timeoutS=-1)
+    assert replies.wait(3)[-1][1] == "Error: timeoutS must be a number in (0, 86400], got -1"

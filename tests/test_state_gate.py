@@ -1,12 +1,13 @@
 """agent.mqtt.state_gate without an agent: game states per session, only the newest waiting,
-every Ack sent once; and agent.core.rate_limit.exempt, by which states skip the chat limit."""
+every Ack sent once; and the core's session_limit=False, by which states skip the chat limit."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent.core.rate_limit import RateLimiter, exempt
+from agent.core.rate_limit import RATE_LIMITED
 from agent.mqtt.acks import Ack
+from agent.mqtt.protocol import ChatRequest
 from agent.mqtt.state_gate import StateGate
 
 
@@ -77,10 +78,27 @@ def test_the_states_rate_limit_is_per_second() -> None:
     assert gate.allow("g")
 
 
-def test_exempt_passes_every_limiter_uncounted_on_its_thread_only() -> None:
-    limiter = RateLimiter(1, 60.0)
-    assert limiter.allow("s")
-    with exempt():
-        assert limiter.allow("s") and limiter.allow("s")
-        limiter.refund("s")  # nothing was counted: nothing taken back
-    assert not limiter.allow("s")  # the one counted before is still there
+def test_requests_outside_the_session_limit_are_not_counted_by_it() -> None:
+    from agent.mqtt.topics import Topics
+    from agent.service.config import AgentConfig
+    from tests.chat_rig import ChatRig
+    from tests.fake_engine import FakeEngine
+    from tests.test_router import PROJECTS, Replies
+
+    config = AgentConfig(projects=("maze",), max_requests_per_session=1)
+    replies = Replies()
+    rig = ChatRig(config, FakeEngine(), PROJECTS, Topics(config.projects), replies)
+    rig.start()
+    try:
+        for i in range(3):
+            state = ChatRequest("maze", "g", f"state {i}", "maze/assistant_response/g")
+            rig.chat.submit(state, session_limit=False)
+            replies.wait(i + 1)
+        rig.chat.submit(ChatRequest("maze", "g", "chat", "maze/assistant_response/g"))
+        rig.chat.submit(ChatRequest("maze", "g", "chat again", "maze/assistant_response/g"))
+        replies.wait(5)
+    finally:
+        rig.stop()
+    payloads = [p for _, p in replies.items]
+    assert payloads[:3] == ["echo: state 0", "echo: state 1", "echo: state 2"]
+    assert sorted(payloads[3:]) == sorted(["echo: chat", RATE_LIMITED])  # the first one counted

@@ -376,11 +376,13 @@ def test_graceful_stop_finishes_in_time_answers_the_rest_and_refuses_new_ones(
     stopper.start()
     try:
         listener.wait("STOPPING", "1")
-        assert client.ask("general", "s2", "too late") == SHUTTING_DOWN
+        assert client.ask("general", "s2", "too late", qos=0) == SHUTTING_DOWN
+        kept = client.request("general", "s3", "for the next process")  # QoS 1
         [reply] = client.wait(in_flight, 1, timeout=10)
     finally:
         stopper.join(15)
     assert reply == (f"echo: {words}" if timeout > engine.delay else SHUTTING_DOWN)
+    assert client.messages(kept) == []  # left unacknowledged at the broker
     assert json.loads(client.wait(status_topic, 2)[-1])["state"] == "offline"
     assert not stopper.is_alive() and engine.shut_down
 
@@ -444,7 +446,7 @@ def test_ready_after_subscribing_watchdog_and_sigterm_during_generation(
         client.wait(f"{long}/stream", 1, timeout=20)  # generating now
         proc.send_signal(signal.SIGTERM)
         stopping = listener.wait("STOPPING", "1", timeout=10)
-        assert client.ask("general", "late", "one more?", timeout=10) == SHUTTING_DOWN
+        assert client.ask("general", "late", "one more?", timeout=10, qos=0) == SHUTTING_DOWN
         [reply] = client.wait(long, 1, timeout=40)
         assert not reply.startswith("Error") and len(reply) > 100  # finished, not cut off
         code, err = finish(proc, 40, log)

@@ -113,7 +113,7 @@ class Conversation:
 
     def submit(self, request: TurnRequest, deliver: Deliver, stream: DeltaSink | None = None,
                on_sent: OnSent | None = None, *, door: str, redelivery: bool = False,
-               client: str | None = None) -> bool:
+               client: str | None = None, session_limit: bool = True) -> bool:
         """Admits ``request``; its one Outcome goes to ``deliver`` (a refusal at once, here).
         ``on_sent`` is called after that delivery; True: the core holds it (it is called
         later, maybe on another thread, or never: see ``redelivery``), False: the caller may
@@ -123,7 +123,8 @@ class Conversation:
         stops, such a request that has not started is left to it, neither answered nor
         acknowledged, instead of getting the shutting-down error. ``client``: who sent it, as
         the front door can tell (``""``: it cannot), for the per-client rate limit; None:
-        only the session's limit applies."""
+        only the session's limit applies. ``session_limit``: False for a request its door
+        limits by a rule of its own (game states: agent.mqtt.state_gate)."""
         key = (request.project, request.session_id)
         if request.request_id:
             held = self._repeat(request, deliver, on_sent)
@@ -134,12 +135,13 @@ class Conversation:
                 log.debug("stopping: a request of session %s/%s left to the broker", *key)
                 return True  # never acknowledged: the broker keeps it for the next process
             return self._refuse(request, deliver, SHUTTING_DOWN, outcomes.SHUTTING_DOWN, door)
-        limits = self._allow(key, None if client is None else (request.project, client))
+        limits = self._allow(key if session_limit else None,
+                             None if client is None else (request.project, client))
         if limits is None:
             return self._refuse(request, deliver, RATE_LIMITED, outcomes.RATE_LIMITED, door)
         now = self._clock()
         turn = Turn(request, next(self._seq), now, deliver, door, stream,
-                    on_sent=[] if on_sent is None else [on_sent],
+                    self._timeout(request), on_sent=[] if on_sent is None else [on_sent],
                     redelivery=redelivery and on_sent is not None)
         first = self.lanes.add(turn)
         if first is None:
@@ -153,7 +155,7 @@ class Conversation:
         # the agent ~15% of its rate (docs/BENCHMARKS.md); the INFO stats line counts them.
         log.debug("request %d accepted: session %s/%s client %.200r", turn.seq, *key, request.client_id)
         debug_log.debug("request %d session %s/%s message: %r", turn.seq, *key, request.message)
-        self._watcher.add(now + self.settings.request_timeout, turn)
+        self._watcher.add(now + turn.timeout, turn)
         if first:
             self._start(turn)
         return True
@@ -192,7 +194,7 @@ class Conversation:
             return None
         seq, now = next(self._seq), self._clock()
         request = replace(request, session_id=f"#given-{seq}")  # a lane of its own
-        turn = Turn(request, seq, now, deliver, door, stream)
+        turn = Turn(request, seq, now, deliver, door, stream, self._timeout(request))
         if self.lanes.add(turn) is None:
             log.warning("queue full (%d requests): overloaded reply", self.settings.max_queue)
             self._refund(limits)
@@ -203,7 +205,7 @@ class Conversation:
             return turn
         log.debug("request %d accepted: a given conversation of project %s, client %.200r", seq,
                   request.project, request.client_id)
-        self._watcher.add(now + self.settings.request_timeout, turn)
+        self._watcher.add(now + turn.timeout, turn)
         self._spawn(self._run, turn)
         return turn
 
@@ -261,6 +263,12 @@ class Conversation:
         return {"pending": self.lanes.pending, "output_rules": self._rules.counts()}
 
     # ---- admission ----
+
+    def _timeout(self, request: TurnRequest) -> float:
+        """The request's own deadline (``timeoutS``), within ``request_timeout``."""
+        own = getattr(request, "timeout_s", None)
+        limit = self.settings.request_timeout
+        return limit if own is None else min(own, limit)
 
     def _allow(self, session: tuple[str, str] | None,
                client: tuple[str, str] | None) -> list[tuple[RateLimiter, tuple]] | None:
@@ -482,11 +490,12 @@ class Conversation:
         return True
 
     def expire(self, turn: Turn) -> None:
-        """The deadline watcher's callback: ends a turn past ``request_timeout``."""
+        """The deadline watcher's callback: ends a turn past its timeout (``timeoutS`` or
+        ``request_timeout``); its late answer, if any, is not delivered."""
         if turn.answered:
             return
         log.warning("request %d of session %s/%s timed out", turn.seq, *turn.key)
-        reply = f"Error: no answer within {self.settings.request_timeout:g} s. Please try again."
+        reply = f"Error: no answer within {turn.timeout:g} s. Please try again."
         if self.finish(turn, reply) and turn.engine_id:
             self.engine.cancel(turn.engine_id)
 

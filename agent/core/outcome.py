@@ -51,6 +51,10 @@ class TurnRequest(Protocol):
     @property
     def request_id(self) -> str | None: ...
     @property
+    def timeout_s(self) -> float | None:
+        """How long the client waits for the reply (None: ``request_timeout``)."""
+        ...
+    @property
     def reset(self) -> bool:
         """Forget the session (history and system prompt) instead of a turn."""
         ...
@@ -97,3 +101,4 @@ class GivenConversation:
     system_prompt: str | None = None  # unused: the messages hold it
     message: str = ""  # unused: the messages hold it
     reset: bool = False
+    timeout_s: float | None = None

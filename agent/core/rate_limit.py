@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 
 RATE_LIMITED = "Error: Rate limit exceeded. Please slow down your requests."
-_exempt = threading.local()  # .active: see exempt()
-
-
-@contextlib.contextmanager
-def exempt() -> Iterator[None]:
-    """Every RateLimiter lets this thread's requests pass uncounted inside the block: for a
-    door that limits them by its own rule (game states: agent.mqtt.state_gate)."""
-    outer = getattr(_exempt, "active", False)
-    _exempt.active = True
-    try:
-        yield
-    finally:
-        _exempt.active = outer
 
 
 class RateLimiter:
@@ -49,8 +35,6 @@ class RateLimiter:
 
     def allow(self, key: Hashable) -> bool:
         """Counts the request if allowed; a refused one does not count."""
-        if getattr(_exempt, "active", False):
-            return True
         with self._lock:
             now = self._clock()
             self._forget_idle(now)
@@ -70,8 +54,6 @@ class RateLimiter:
     def refund(self, key: Hashable) -> None:
         """Takes back the last request counted for ``key`` (it was refused after all: only
         admitted requests count)."""
-        if getattr(_exempt, "active", False):
-            return  # it was not counted
         with self._lock:
             hits = self._hits.get(key)
             if hits:

@@ -22,6 +22,7 @@ class Turn:
     deliver: Deliver  # the front door's: called once, with the turn's Outcome
     door: str  # the front door's name (metrics)
     stream: DeltaSink | None = None  # text deltas, if the front door asked for them
+    timeout: float = 0.0  # seconds from accepted_at until the timeout error
     engine_id: str | None = None
     answered: bool = False
     history: Session | None = None  # the session, trimmed, before this turn's reply is added

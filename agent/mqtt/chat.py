@@ -113,11 +113,12 @@ class ChatDoor:
         self.submit(request, ack=ack, sender=sender_of(request, properties, self.topics, owner))
 
     def submit(self, request: ChatRequest, shape: Shape | None = None, ack: Ack = NO_ACK,
-               sender: str | None = None) -> None:
+               sender: str | None = None, session_limit: bool = True) -> None:
         """Hands a request (also one from another topic) to the core; ``shape`` makes the
         payload of its reply or error (None: the text itself, or the envelope if asked for).
         ``ack``: see handle_message. ``sender``: for the per-client rate limit (None: only
-        the session's applies)."""
+        the session's applies). ``session_limit``: False for requests a door limits by a
+        rule of its own (game states)."""
         core, options = self.core, request.options
         if shape is None and options.json:
             shape = Envelope(request, core.settings.skip_thinking, core.prompt_opens_reasoning)
@@ -125,7 +126,7 @@ class ChatDoor:
                              core.prompt_opens_reasoning) if options.stream else None
         if core.submit(request, partial(self._deliver, request, shape, stream), stream, ack,
                        door=DOOR, redelivery=self.redelivery and ack is not NO_ACK,
-                       client=sender):
+                       client=sender, session_limit=session_limit):
             ack.hold()  # the turn acknowledges the request after its reply
 
     def reject(self, err: ProtocolError) -> None:

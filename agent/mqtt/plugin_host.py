@@ -66,7 +66,7 @@ class PluginHost:
                               client_id=client_id, request_id=request_id)
 
         def submit(after: Ack) -> bool:
-            self._chat.submit(request, _shape_outcome(shape), after)
+            self._chat.submit(request, _shape_outcome(shape), after, session_limit=False)
             return after.held
 
         self.states.offer(session_id, submit, ack)

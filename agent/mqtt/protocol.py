@@ -20,9 +20,10 @@ MAX_SESSION_ID_CHARS = 256
 # requestId and clientId are kept past the request (the answered replies, the per-client
 # rate limit, log lines): bounded like sessionId.
 MAX_ID_CHARS = 256
+MAX_TIMEOUT_S = 86_400.0  # timeoutS beyond a day is a mistake; --request_timeout caps it anyway
 _KNOWN = {
     "message", "sessionId", "temperature", "topP", "maxTokens", "systemPrompt",
-    "prompt_template", "replyTopic", "clientId", "requestId", "images",
+    "prompt_template", "replyTopic", "clientId", "requestId", "images", "timeoutS",
 }
 # The usual request holds no other key: no option, sampling field, system prompt, image or extra
 # to read (parse skips them all; tests/test_protocol.py shows each skip changes nothing).
@@ -53,6 +54,7 @@ class ChatRequest:
     correlation_data: bytes | None = None  # MQTT v5, echoed on the reply
     max_tokens_asked: int | None = None  # maxTokens as sent, before the cap (the envelope's)
     images_ignored: int = 0  # images the request held: not read, only counted (the envelope's)
+    timeout_s: float | None = None  # the client's own wait (timeoutS); the core caps it
 
     @property
     def reset(self) -> bool:
@@ -288,7 +290,8 @@ class RequestParser:
             client_id, request_id = _optional_id(data, "clientId"), _optional_id(data, "requestId")
             if usual:  # what follows would find no field and give these defaults
                 return ChatRequest.of(project, session_id, message, reply_topic, None, None, None, None,
-                                      client_id, request_id, generated, {}, PLAIN, None, None, 0)
+                                      client_id, request_id, generated, {}, PLAIN, None, None, 0,
+                                      None)
             if images:  # the old servers answered the text: so do we (the envelope says so)
                 log.debug("request %.80r of project %s: %d image(s) ignored (text model)",
                           request_id, project, images)
@@ -301,6 +304,7 @@ class RequestParser:
                 _system_prompt(data), client_id, request_id, generated,
                 {k: v for k, v in data.items() if k not in _KNOWN},  # fields beyond part A
                 options, None, max_tokens, images,
+                _number(data, "timeoutS", 0.0, MAX_TIMEOUT_S, low_open=True),
             )
         except ValueError as exc:
             _drop_images(data)

@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from agent.core.rate_limit import RateLimiter, exempt
+from agent.core.rate_limit import RateLimiter
 from agent.mqtt.acks import Ack
 
 log = logging.getLogger(__name__)
 
-# Hands a state to the core with the Ack its turn is to call after the reply (True: the
-# turn holds it; False: answered or refused already, it will not be called).
+# Hands a state to the core, outside the chat rate limit (it was counted against
+# --state_rate_limit), with the Ack its turn is to call after the reply (True: the turn
+# holds it; False: answered or refused already, it will not be called).
 Submit = Callable[[Ack], bool]
 
 
@@ -105,12 +106,12 @@ class StateGate:
         state.ack()
 
     def _start(self, key: Hashable, lane: _Lane, state: _Waiting) -> None:
-        """Submits ``state`` outside the chat rate limit; its turn's end starts the next."""
+        """Submits ``state`` (outside the chat rate limit: see ``Submit``); its turn's end
+        starts the next."""
         token = lane.turn
         after = _After(state.ack, lambda: self._next(key, token))
         try:
-            with exempt():
-                held = state.submit(after)
+            held = state.submit(after)
         except BaseException:
             after()  # the session's lane must not stay busy
             raise
