@@ -78,7 +78,7 @@ def test_rotating_session_ids_meets_the_client_limit(rig) -> None:
     for i in range(3):
         send(router, sessionId=f"a-{i}", message="hi",
              replyTopic=f"general/assistant_response/a-{i}/alice")
-    for i in range(12):
+    for _ in range(12):
         send(router, message="no session, no client")  # a new generated session each time
     replies.wait(30)
     by_client = {"mallory": [], "alice": [], "nobody": []}

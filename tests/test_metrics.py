@@ -149,7 +149,7 @@ def test_status_payload_and_one_version() -> None:
     assert json.loads(will) == {"state": OFFLINE, "agentId": "box", "model": "Qwen/QwQ-32B",
                                 "quantization": "none", "projects": ["maze"],
                                 "startedAt": json.loads(will)["startedAt"],
-                                "version": agent.__version__}
+                                "instance": reporter.instance, "version": agent.__version__}
     reporter.online()
     reporter.offline()
     reporter.online()  # a reconnect racing a clean stop does not say online again

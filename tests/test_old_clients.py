@@ -31,7 +31,6 @@ from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
 
 
-
 def on_the_wire(test: Callable) -> Callable:
     """A test of the agent against a private Mosquitto (every request it receives acknowledged)."""
     for mark in (pytest.mark.integration,

@@ -158,6 +158,9 @@ class MqttClient:
         self._stopping = False
         self._connected = False
         self.on_ready: Callable[[], None] | None = None  # each (re)connect, once subscribed
+        # After a dropped connection: why this agent must stop (agent.mqtt.rival), or None.
+        self.rival_check: Callable[[], str | None] | None = None
+        self.gave_up: str | None = None  # why the connection ended for good (run_forever exits)
 
     @property
     def where(self) -> str:
@@ -324,6 +327,8 @@ class MqttClient:
             return
         if not was_connected and self._connection == 0 and self._plain_port_is_tls():
             return  # fatal: start() or wait_ready() raises, and stops us
+        if was_connected and self.rival_check is not None and self._second_agent():
+            return
         wait = self._next_wait()
         drops = self._drops.record() if was_connected else 0
         if reason_code.value == _TAKEN_OVER or drops == _FLAPPING:
@@ -336,6 +341,17 @@ class MqttClient:
             return
         log.warning("disconnected from MQTT broker %s (%s); reconnecting in %.1f s",
                     self.where, reason_code, wait)
+
+    def _second_agent(self) -> bool:
+        """Whether another agent with our client id took the session over and was first:
+        then this one stops reconnecting (fatal: ``run_forever`` raises) instead of flapping."""
+        problem = self.rival_check() if self.rival_check is not None else None
+        if problem is None:
+            return False
+        self._last_error = self._fatal = self.gave_up = problem
+        log.error("MQTT broker %s: %s", self.where, problem)
+        self._client.disconnect()  # disconnected already: paho's loop ends, no reconnect
+        return True
 
     def _next_wait(self) -> float:
         """Draws the wait before paho's next reconnect attempt and hands it to paho."""

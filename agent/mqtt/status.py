@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import socket
 import threading
 import time
@@ -105,6 +106,7 @@ class StatusReporter:
         self._publish, self._connected, self._snapshot = publish, connected, snapshot
         self._interval = stats_interval
         self.started_at = time.time()
+        self.instance = secrets.token_hex(4)  # this process: tells two agents of one id apart
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False  # offline sent: a late reconnect must not say online again
@@ -113,7 +115,8 @@ class StatusReporter:
         return json.dumps({
             "state": state, "agentId": self.agent_id, "model": self._info.model,
             "quantization": self._info.quantization, "projects": self._projects,
-            "startedAt": utc_iso(self.started_at), "version": self.version,
+            "startedAt": utc_iso(self.started_at), "instance": self.instance,
+            "version": self.version,
         })
 
     def will(self) -> tuple[str, str]:

@@ -15,8 +15,15 @@ from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.client import MqttClient, MqttConnectError
 from agent.mqtt.door import MqttDoor
 from agent.mqtt.legacy import legacy_projects
+from agent.mqtt.rival import RivalCheck
 from agent.mqtt.share_group import shared_subscriptions
-from agent.mqtt.status import AgentInfo, StatusReporter, check_service_topics, default_agent_id
+from agent.mqtt.status import (
+    AgentInfo,
+    StatusReporter,
+    check_service_topics,
+    default_agent_id,
+    utc_iso,
+)
 from agent.mqtt.topics import Topics
 from agent.service.checks import check_agent_config
 from agent.service.config import AgentConfig
@@ -105,6 +112,8 @@ class Agent:
         )
         self.mqtt.set_will(*self.status.will())
         self.mqtt.on_ready = self._on_subscribed
+        self.mqtt.rival_check = RivalCheck(config, self.status.status_topic,
+                                           utc_iso(self.status.started_at), self.status.instance)
         labels = {"agent_id": self.agent_id, "model": info.model or "",
                   "quantization": info.quantization or "", "version": self.status.version}
         self._collector = AgentCollector(self.core.metrics, self.metrics_summary, labels)
@@ -238,7 +247,9 @@ class Agent:
                     self.start(wait=False)
                     self._wait_for_broker()
                 while not self._stop_requested.wait(1.0):
-                    pass
+                    if self.mqtt.gave_up:  # a second agent with our id: agent.mqtt.rival
+                        raise MqttConnectError(f"MQTT broker {self.mqtt.where}: "
+                                               f"{self.mqtt.gave_up}")
             except BaseException:
                 self.stop()
                 raise
