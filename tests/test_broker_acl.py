@@ -172,14 +172,20 @@ def test_without_the_acl_every_attack_succeeds(caplog: pytest.LogCaptureFixture)
     assert "control topics (template, clear_history, delete_session) are open" in caplog.text
 
 
+# The example file's settings (systemd/vllm-deploy.env.example's, with an operator).
+EXAMPLE_ARGS = ("--projects", "maze", "driving", "bloodcell", "racing",
+                "--mqtt_username", "vllm-deploy", "--control_users", "operator",
+                "--legacy_topics", "--trusted_users", "chat-backend")
+
+
 def test_example_file_is_the_generators_output(capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in os.environ if n.startswith("VLLM_DEPLOY_")]:
         monkeypatch.delenv(name)
-    assert mosquitto_acl.main(list(mosquitto_acl.EXAMPLE_ARGS)) == 0
+    assert mosquitto_acl.main(list(EXAMPLE_ARGS)) == 0
     assert capsys.readouterr().out == EXAMPLE.read_text(), (
         "regenerate: python -m agent.service.mosquitto_acl "
-        f"{' '.join(mosquitto_acl.EXAMPLE_ARGS)} > systemd/mosquitto-acl.example")
+        f"{' '.join(EXAMPLE_ARGS)} > systemd/mosquitto-acl.example")
 
 
 @pytest.mark.parametrize("args, message", [

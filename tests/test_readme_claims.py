@@ -161,6 +161,7 @@ SAMPLES: dict[str, Sample] = {
     "max_concurrent_sessions": Sample("50", 50),
     "session_timeout": Sample("600", 600.0),
     "max_requests_per_session": Sample("5", 5),
+    "max_requests_per_client": Sample("50", 50),
     "rate_limit_window": Sample("30", 30.0),
     "state_rate_limit": Sample("4", 4),
     "max_queue": Sample("16", 16),

@@ -194,7 +194,8 @@ def test_200_sessions_x_5_turns_on_a_cache_too_small(broker: Broker, one_torch_t
         projects=tuple(projects), mqtt_broker=broker.host, mqtt_port=broker.port,
         connect_timeout=5.0, max_tokens=64, max_history_tokens=MAX_HISTORY_TOKENS,
         max_concurrent_sessions=2 * SESSIONS,  # no session's history is evicted
-        max_queue=2 * SESSIONS, max_requests_per_session=2 * TURNS,  # nobody is refused
+        max_queue=2 * SESSIONS, max_requests_per_session=2 * TURNS,
+        max_requests_per_client=SESSIONS * TURNS,  # nobody is refused
         request_timeout=TIMEOUT,
     )
     agent = Agent(config, engine, projects)  # type: ignore[arg-type]

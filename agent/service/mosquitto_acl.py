@@ -36,10 +36,6 @@ from projects import plugin_of
 log = logging.getLogger(__name__)
 
 PROG = "python -m agent.service.mosquitto_acl"
-# The example file's settings (systemd/vllm-deploy.env.example's, with an operator).
-EXAMPLE_ARGS = ("--projects", "maze", "driving", "bloodcell", "racing",
-                "--mqtt_username", "vllm-deploy", "--control_users", "operator",
-                "--legacy_topics", "--trusted_users", "chat-backend")
 
 
 class _Acl:

@@ -174,7 +174,8 @@ FLAGS: tuple[Flag, ...] = (
     _f("max_payload_bytes", "int", 1_000_000, "agent", S,
        "largest request payload accepted", minimum=1),
     _f("request_timeout", "float", 100.0, "agent", S,
-       "seconds before a request still unanswered gets an error reply", minimum=0),
+       "seconds before a request still unanswered gets an error reply (a request's "
+       "`timeoutS` may ask for less); keep it below the clients' own waits", minimum=0),
     _f("num_workers", "int", 4, "agent", S,
        "threads that prepare prompts and publish replies", minimum=1),
     _f("session_store", "str", "memory", "agent", S,

@@ -1,0 +1,301 @@
+"""The adversarial run of issue 15, measured again: what a hostile or an unlucky client gets.
+
+    python bench/hostile.py             # every scenario (about a minute)
+    python bench/hostile.py backlog     # one or more by name
+
+Each scenario runs the agent (a fake engine: the request path, not the model) against a
+private Mosquitto 2.0 and prints one line: what was tried, the figure now and the figure
+the issue measured before the fixes. docs/RELIABILITY.md keeps the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.core.outcome import OVERLOADED, SHUTTING_DOWN  # noqa: E402
+from agent.core.rate_limit import RATE_LIMITED  # noqa: E402
+from agent.service.app import Agent  # noqa: E402
+from agent.service.config import AgentConfig  # noqa: E402
+from tests.fake_engine import FakeEngine  # noqa: E402
+from tests.mqtt_broker import Broker, Recorder, start_broker  # noqa: E402
+
+RESULTS: list[tuple[str, str, str]] = []  # scenario, now, before
+
+
+def report(name: str, now: str, before: str) -> None:
+    RESULTS.append((name, now, before))
+    print(f"{name:<44} {now:<58} before: {before}", flush=True)
+
+
+def settings(broker: Broker, **overrides: Any) -> AgentConfig:
+    base: dict[str, Any] = {
+        "projects": ("general",), "mqtt_broker": broker.host, "mqtt_port": broker.port,
+        "agent_id": f"hostile-{secrets.token_hex(3)}", "stats_interval": 0,
+        "reconnect_max_delay": 0.5}
+    return AgentConfig(**{**base, **overrides})
+
+
+class Client(Recorder):
+    """A requester: every reply under its own reply root, counted by topic."""
+
+    def __init__(self, broker: Broker, protocol: str = "5", persistent: bool = False) -> None:
+        self.name = f"c{secrets.token_hex(3)}"
+        super().__init__(broker, f"general/assistant_response/{self.name}/#", protocol=protocol,
+                         client_id=self.name, persistent=persistent)
+
+    def ask(self, key: str, wait: bool = True, **fields: Any) -> None:
+        payload = {"sessionId": key, "message": f"m-{key}",
+                   "replyTopic": f"general/assistant_response/{self.name}/{key}", **fields}
+        self.publish("general/user_input", json.dumps(payload), wait=wait)
+
+    def by_key(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for message in self.messages():
+            out.setdefault(message.topic.rsplit("/", 1)[-1], []).append(message.payload.decode())
+        return out
+
+    def settle(self, n: int, timeout: float) -> dict[str, list[str]]:
+        self.holds_within(lambda: len(self.messages()) >= n, timeout)
+        time.sleep(0.3)
+        return self.by_key()
+
+
+def retries(broker: Broker) -> None:
+    """Item 1: refused requests retried with the same requestId."""
+    agent = Agent(settings(broker, max_queue=4, max_requests_per_session=2,
+                           rate_limit_window=1.0), FakeEngine(delay=0.3))
+    agent.start()
+    client = Client(broker)
+    try:
+        for i in range(40):  # QoS 0 would not wait for room: these are refused at once
+            client._client.publish("general/user_input", json.dumps({
+                "sessionId": f"o{i}", "message": f"m-o{i}", "requestId": f"r{i}",
+                "replyTopic": f"general/assistant_response/{client.name}/o{i}"}), qos=0)
+        first = client.settle(40, 20)
+        refused = [k for k, v in first.items() if v == [OVERLOADED]]
+        time.sleep(0.5)
+        for key in refused:
+            client.ask(key, requestId=f"r{key[1:]}")
+        again = client.settle(40 + len(refused), 30)
+        served = sum(again[k][-1] == f"echo: m-{k}" for k in refused)
+        report("overloaded, retried with the same requestId", f"{served} of {len(refused)} answered",
+               "0 of 36 answered (silence)")
+        for i in range(3):
+            client.ask("limit", requestId=f"l{i}")
+        time.sleep(1.1)
+        client.ask("limit", requestId="l2")
+        client.ask("empty", requestId="e1", message="   ")
+        client.ask("empty", requestId="e1", message="fixed")
+        got = client.settle(len(client.messages()) + 6, 10)
+        report("rate limited, retried after its window", str(got["limit"][-1] == "echo: m-limit"),
+               "False (silence)")
+        report("`Error: empty message`, fixed, same requestId", str(got["empty"][-1] == "echo: fixed"),
+               "False (silence)")
+    finally:
+        client.close()
+        agent.stop()
+
+
+def backlog(broker: Broker) -> None:
+    """Item 2: 1,200 requests queued at the broker while the agent was away."""
+    for protocol in ("5", "3.1.1"):
+        for roomy in (False, True):
+            target = start_broker(listener_options=["max_queued_messages 2000"]) if roomy else broker
+            config = settings(target, mqtt_protocol=protocol, max_requests_per_session=10_000,
+                              max_requests_per_client=10_000)
+            first = Agent(config, FakeEngine())
+            first.start()
+            first.stop()
+            client = Client(target)
+            for i in range(1200):
+                client.ask(f"b{i}", wait=i % 100 == 99)
+            agent = Agent(config, FakeEngine(delay=0.02))
+            agent.start()
+            try:
+                got = client.settle(1200, 60)
+                replies = Counter(v for values in got.values() for v in values)
+                broker_limit = "2000" if roomy else "1000 (default)"
+                report(f"backlog 1200, MQTT {protocol}, max_queued {broker_limit}",
+                       f"{replies[OVERLOADED]} overloaded, {1200 - len(got)} lost",
+                       "MQTT 5: 744 overloaded, 200 lost; 3.1.1: 692, 200"
+                       if not roomy else "-")
+            finally:
+                client.close()
+                agent.stop()
+                if roomy:
+                    target.stop()
+
+
+def sigterm(broker: Broker) -> None:
+    """Item 2: requests waiting when SIGTERM comes (MQTT 3.1.1)."""
+    config = settings(broker, mqtt_protocol="3.1.1", max_requests_per_session=10_000,
+                      max_requests_per_client=10_000, shutdown_timeout=1.0)
+    client = Client(broker, protocol="3.1.1", persistent=True)
+    agent = Agent(config, FakeEngine(delay=0.5))
+    agent.start()
+    for i in range(60):
+        client.ask(f"t{i % 6}-{i}", wait=False)
+    time.sleep(0.3)
+    stopper = threading.Thread(target=agent.stop_gracefully)
+    stopper.start()
+    for i in range(60, 100):
+        client.ask(f"t{i % 6}-{i}", wait=False)
+    stopper.join()
+    after = Agent(config, FakeEngine())
+    after.start()
+    try:
+        got = client.settle(100, 30)
+        errors = sum(SHUTTING_DOWN in v for v in got.values())
+        report("SIGTERM with 100 requests coming (3.1.1)",
+               f"{errors} shutting-down errors, {len(got) - errors} answered, "
+               f"{100 - len(got)} lost", "57 shutting-down errors")
+    finally:
+        client.close()
+        after.stop()
+
+
+def twins(broker: Broker) -> None:
+    """Item 3: two agents with the same --agent_id, 300 requests."""
+    for protocol in ("3.1.1", "5"):
+        config = settings(broker, mqtt_protocol=protocol, max_requests_per_session=10_000,
+                          max_requests_per_client=10_000)
+        first = Agent(config, FakeEngine(reply=lambda p, r: "first"))
+        first.start()
+        time.sleep(1.1)
+        second = Agent(config, FakeEngine(reply=lambda p, r: "second"))
+        runner = threading.Thread(target=lambda: _quietly(second.run_forever), daemon=True)
+        runner.start()
+        client = Client(broker)
+        started = time.monotonic()
+        try:
+            for i in range(300):
+                client.ask(f"w{i}", wait=False)
+                time.sleep(0.02)
+            got = client.settle(300, 30)
+            twice = sum(len(v) > 1 for v in got.values())
+            report(f"two agents, one agent_id, 300 requests ({protocol})",
+                   f"second stopped: {not runner.is_alive()} after "
+                   f"{time.monotonic() - started:.0f} s; {twice} answered twice",
+                   "15 and 28 reconnects in 23 s, 43 answered twice")
+        finally:
+            client.close()
+            second.stop()
+            first.stop()
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the second agent is meant to stop
+        print(f"  (second agent: {str(exc)[:90]}...)")
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(broker: Broker) -> None:
+    """Item 5: 600 rate-limited requests with 0.99 MB requestIds."""
+    agent = Agent(settings(broker, max_requests_per_session=1, max_payload_bytes=2_000_000),
+                  FakeEngine())
+    agent.start()
+    client = Client(broker)
+    try:
+        before = rss_mb()
+        huge = "x" * 990_000
+        for i in range(600):
+            client.ask("mem", wait=i % 50 == 49, requestId=f"{i}{huge}")
+        client.settle(600, 60)
+        grown = rss_mb() - before
+        report("600 requests with 0.99 MB requestIds", f"RSS +{grown:.0f} MB (the ids refused)",
+               "RSS +571 MB, kept 600 s")
+    finally:
+        client.close()
+        agent.stop()
+
+
+def rotation(broker: Broker) -> None:
+    """Item 8: 2,000 requests from one client, a new sessionId each."""
+    agent = Agent(settings(broker), FakeEngine())
+    agent.start()
+    client = Client(broker)
+    try:
+        for i in range(2000):
+            client.ask(f"rot{i}/{client.name}", wait=i % 100 == 99)
+        got = client.settle(2000, 60)
+        passed = sum(v[-1].startswith("echo") for v in got.values())
+        report("2000 requests, a new sessionId each", f"{passed} answered, the rest rate limited",
+               "2000 answered")
+    finally:
+        client.close()
+        agent.stop()
+
+
+def template(broker: Broker) -> None:
+    """Item 7: a 900k-character P/template for the project."""
+    agent = Agent(settings(broker), FakeEngine())
+    agent.start()
+    client = Client(broker)
+    try:
+        client.publish("general/template", json.dumps({"template": "w " * 450_000}))
+        client.ask("after-template")
+        got = client.settle(1, 10)
+        report("900k-character project template", f"refused; a new session: {got['after-template'][0]!r}",
+               "every new session: 'Error: the message is too long'")
+    finally:
+        client.close()
+        agent.stop()
+
+
+def deadlines(broker: Broker) -> None:
+    """Item 17: a client that waits 0.5 s for an answer that takes 1 s."""
+    agent = Agent(settings(broker), FakeEngine(delay=1.0))
+    agent.start()
+    client = Client(broker)
+    try:
+        client.ask("slow", timeoutS=0.5)
+        time.sleep(2.0)
+        got = client.by_key()["slow"]
+        report("timeoutS 0.5 s, answer after 1 s", f"{got}", "the late answer, 100 s later")
+    finally:
+        client.close()
+        agent.stop()
+
+
+SCENARIOS = {"retries": retries, "backlog": backlog, "sigterm": sigterm, "twins": twins,
+             "memory": memory, "rotation": rotation, "template": template, "deadlines": deadlines}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("only", nargs="*", help=f"scenarios to run: {', '.join(SCENARIOS)}")
+    args = parser.parse_args()
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    broker = start_broker(persistence=True)
+    try:
+        for name in args.only or SCENARIOS:
+            SCENARIOS[name](broker)
+    finally:
+        broker.stop()
+
+
+if __name__ == "__main__":
+    main()
