@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.core.outcome import OVERLOADED, SHUTTING_DOWN  # noqa: E402
-from agent.core.rate_limit import RATE_LIMITED  # noqa: E402
 from agent.service.app import Agent  # noqa: E402
 from agent.service.config import AgentConfig  # noqa: E402
 from tests.fake_engine import FakeEngine  # noqa: E402
@@ -52,7 +51,8 @@ class Client(Recorder):
 
     def __init__(self, broker: Broker, protocol: str = "5", persistent: bool = False) -> None:
         self.name = f"c{secrets.token_hex(3)}"
-        super().__init__(broker, f"general/assistant_response/{self.name}/#", protocol=protocol,
+        super().__init__(broker, f"general/assistant_response/{self.name}/#",
+                         f"general/assistant_response/+/{self.name}", protocol=protocol,
                          client_id=self.name, persistent=persistent)
 
     def ask(self, key: str, wait: bool = True, **fields: Any) -> None:
@@ -62,8 +62,8 @@ class Client(Recorder):
 
     def by_key(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for message in self.messages():
-            out.setdefault(message.topic.rsplit("/", 1)[-1], []).append(message.payload.decode())
+        for topic, payload in self.messages():
+            out.setdefault(topic.rsplit("/", 1)[-1], []).append(payload.decode())
         return out
 
     def settle(self, n: int, timeout: float) -> dict[str, list[str]]:
@@ -124,7 +124,7 @@ def backlog(broker: Broker) -> None:
             agent = Agent(config, FakeEngine(delay=0.02))
             agent.start()
             try:
-                got = client.settle(1200, 60)
+                got = client.settle(1200 if roomy else 1000, 60)
                 replies = Counter(v for values in got.values() for v in values)
                 broker_limit = "2000" if roomy else "1000 (default)"
                 report(f"backlog 1200, MQTT {protocol}, max_queued {broker_limit}",
@@ -166,40 +166,77 @@ def sigterm(broker: Broker) -> None:
         after.stop()
 
 
+def restart(broker: Broker) -> None:
+    """Item 4: the broker restarted (SIGTERM, persistence on) during a burst of 200."""
+    for with_ids in (True, False):
+        _restart_once(broker, with_ids)
+
+
+def _restart_once(broker: Broker, with_ids: bool) -> None:
+    generated: Counter[str] = Counter()
+
+    def numbered(prompt: str, request: Any) -> str:
+        generated[prompt] += 1
+        return f"answer {sum(generated.values())}"  # a second generation: another text
+
+    agent = Agent(settings(broker, mqtt_protocol="3.1.1", max_requests_per_session=10_000,
+                           max_requests_per_client=10_000), FakeEngine(numbered, delay=0.01))
+    agent.start()
+    client = Client(broker, protocol="3.1.1", persistent=True)
+    try:
+        for i in range(200):
+            if i == 100:
+                client.holds_within(lambda: len(client.messages()) >= 20, 10)
+                broker.restart()
+            fields = {"requestId": f"r{i}"} if with_ids else {}
+            client.ask(f"d{i}", wait=False, **fields)
+        got = client.settle(200, 30)
+        twice = [v for v in got.values() if len(v) > 1]
+        other = sum(len(set(v)) > 1 for v in twice)
+        report(f"broker restart in a burst of 200, {'with' if with_ids else 'no'} requestId",
+               f"{len(twice)} replies twice, {other} of them another text",
+               "1 twice (same text)" if with_ids else "4 twice, other texts")
+    finally:
+        client.close()
+        agent.stop()
+
+
 def twins(broker: Broker) -> None:
     """Item 3: two agents with the same --agent_id, 300 requests."""
     for protocol in ("3.1.1", "5"):
-        config = settings(broker, mqtt_protocol=protocol, max_requests_per_session=10_000,
-                          max_requests_per_client=10_000)
-        first = Agent(config, FakeEngine(reply=lambda p, r: "first"))
-        first.start()
-        time.sleep(1.1)
-        second = Agent(config, FakeEngine(reply=lambda p, r: "second"))
-        runner = threading.Thread(target=lambda: _quietly(second.run_forever), daemon=True)
-        runner.start()
-        client = Client(broker)
-        started = time.monotonic()
+        _twins_once(broker, protocol)
+
+
+def _twins_once(broker: Broker, protocol: str) -> None:
+    config = settings(broker, mqtt_protocol=protocol, max_requests_per_session=10_000,
+                      max_requests_per_client=10_000)
+    first = Agent(config, FakeEngine(reply=lambda p, r: "first"))
+    first.start()
+    time.sleep(1.1)
+    second = Agent(config, FakeEngine(reply=lambda p, r: "second"))
+    started, stopped = time.monotonic(), [float("nan")]
+
+    def run() -> None:
         try:
-            for i in range(300):
-                client.ask(f"w{i}", wait=False)
-                time.sleep(0.02)
-            got = client.settle(300, 30)
-            twice = sum(len(v) > 1 for v in got.values())
-            report(f"two agents, one agent_id, 300 requests ({protocol})",
-                   f"second stopped: {not runner.is_alive()} after "
-                   f"{time.monotonic() - started:.0f} s; {twice} answered twice",
-                   "15 and 28 reconnects in 23 s, 43 answered twice")
-        finally:
-            client.close()
-            second.stop()
-            first.stop()
+            second.run_forever()
+        except Exception:  # noqa: BLE001 - the second agent is meant to stop: the figure
+            stopped[0] = time.monotonic() - started
 
-
-def _quietly(fn: Callable[[], None]) -> None:
+    threading.Thread(target=run, daemon=True).start()
+    client = Client(broker)
     try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - the second agent is meant to stop
-        print(f"  (second agent: {str(exc)[:90]}...)")
+        for i in range(300):
+            client.ask(f"w{i}", wait=False)
+            time.sleep(0.02)
+        got = client.settle(300, 30)
+        twice = sum(len(v) > 1 for v in got.values())
+        report(f"two agents, one agent_id, 300 requests ({protocol})",
+               f"the second stopped after {stopped[0]:.1f} s; {twice} answered twice",
+               "15 and 28 reconnects in 23 s, 43 answered twice")
+    finally:
+        client.close()
+        second.stop()
+        first.stop()
 
 
 def rss_mb() -> float:
@@ -236,10 +273,11 @@ def rotation(broker: Broker) -> None:
     agent.start()
     client = Client(broker)
     try:
-        for i in range(2000):
-            client.ask(f"rot{i}/{client.name}", wait=i % 100 == 99)
-        got = client.settle(2000, 60)
-        passed = sum(v[-1].startswith("echo") for v in got.values())
+        for i in range(2000):  # PROTOCOL.md's deep reply topic: <sessionId>/<clientId>
+            client.ask(f"rot{i}", wait=i % 100 == 99,
+                       replyTopic=f"general/assistant_response/rot{i}/{client.name}")
+        client.settle(2000, 60)
+        passed = sum(p.startswith(b"echo") for p in client.payloads())
         report("2000 requests, a new sessionId each", f"{passed} answered, the rest rate limited",
                "2000 answered")
     finally:
@@ -278,7 +316,8 @@ def deadlines(broker: Broker) -> None:
         agent.stop()
 
 
-SCENARIOS = {"retries": retries, "backlog": backlog, "sigterm": sigterm, "twins": twins,
+SCENARIOS = {"retries": retries, "backlog": backlog, "sigterm": sigterm, "restart": restart,
+             "twins": twins,
              "memory": memory, "rotation": rotation, "template": template, "deadlines": deadlines}
 
 
@@ -286,6 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("only", nargs="*", help=f"scenarios to run: {', '.join(SCENARIOS)}")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the agents' own lines are not the figures
     unknown = set(args.only) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")

@@ -62,11 +62,13 @@ class Requester:
     def replies(self) -> list[str]:
         return [p.decode() for p in self._recorder.payloads()]
 
-    def send(self, i: int, wait: bool = False) -> None:
-        """Request ``m<i>`` (session ``s<i % 10>``, requestId ``r<i>``), QoS 1; ``wait`` for the
-        PUBACK (without it, a request sent while the broker is down goes once it is back)."""
-        payload = {"sessionId": f"s{i % 10}", "message": f"m{i}", "requestId": f"r{i}",
-                   "replyTopic": f"{self.root}/s{i % 10}"}
+    def send(self, i: int, wait: bool = False, request_id: bool = True) -> None:
+        """Request ``m<i>`` (session ``s<i % 10>``, requestId ``r<i>`` unless not
+        ``request_id``), QoS 1; ``wait`` for the PUBACK (without it, a request sent while the
+        broker is down goes once it is back)."""
+        payload = {"sessionId": f"s{i % 10}", "message": f"m{i}",
+                   "replyTopic": f"{self.root}/s{i % 10}",
+                   **({"requestId": f"r{i}"} if request_id else {})}
         self._recorder.publish(f"{self.project}/user_input", json.dumps(payload), wait=wait)
 
     def wait_for(self, n: int, timeout: float) -> Counter:
@@ -95,16 +97,19 @@ def config(broker: Broker, **overrides: Any) -> dict[str, Any]:
             "agent_id": f"recovery-{secrets.token_hex(3)}", "stats_interval": 0, **overrides}
 
 
+@pytest.mark.parametrize("request_id", [True, False], ids=["requestId", "no-requestId"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_broker_restart_during_a_burst_loses_no_request(
-    broker: Broker, requester: Requester, protocol: str, caplog: pytest.LogCaptureFixture,
+    broker: Broker, requester: Requester, protocol: str, request_id: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """200 requests; the broker stops (SIGTERM, it saves its state) after the first 100 are
     sent, the other 100 are sent while it is down, then it starts again on the same port.
-    Asserted: every request is answered; the agent ran each prompt once and counted one
-    answer per request; the requester got every reply. A request the broker delivers again
-    (its PUBACK lost in the restart) gets its reply again, the same text: only requests
-    that reached the agent before the broker went can come twice."""
+    Asserted: every request is answered; the agent ran each prompt once (with a requestId
+    or without: a copy the broker delivers again is told by its packet id, agent.mqtt.
+    redelivery) and counted one answer per request; the requester got every reply. A reply
+    can still come twice (QoS 1: the broker got it, our PUBACK of it was lost), and only
+    for requests that reached the agent before the broker went."""
     caplog.set_level(logging.INFO)
     c = config(broker, mqtt_protocol=protocol)
     c["projects"] = tuple(c["projects"])
@@ -113,12 +118,12 @@ def test_broker_restart_during_a_burst_loses_no_request(
     agent.start()
     try:
         for i in range(100):
-            requester.send(i)
+            requester.send(i, request_id=request_id)
         requester.wait_for(20, timeout=10)  # some answered, others queued or in flight
         broker.process.terminate()
         broker.process.wait(5)
         for i in range(100, 200):
-            requester.send(i)  # queued by the requester's client until the broker is back
+            requester.send(i, request_id=request_id)  # queued by the requester's client until the broker is back
         time.sleep(0.5)  # replies finished meanwhile queue in the agent
         broker.restart()
         got = requester.wait_for(200, timeout=30)

@@ -13,7 +13,9 @@ the next process with the same client id.
 
 An ``Ack`` sends at most one PUBACK, and only on the connection its message came
 in on: after a reconnect the broker resends every unacknowledged message (the
-same packet id, DUP set) and the resent copy brings its own ``Ack``.
+same packet id, DUP set). Such a copy is not served again
+(agent.mqtt.redelivery): the request's ``Ack`` is moved to the new connection
+(``rebind``), or, if it was called already, the copy is acknowledged at once.
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ SendAck = Callable[[int, int], object]  # paho's Client.ack(mid, qos)
 class Ack:
     """One received message's acknowledgement: call it once its reply was handed to paho."""
 
-    __slots__ = ("_connection", "_current", "_lock", "_mid", "_qos", "_send", "held")
+    __slots__ = ("_connection", "_current", "_done", "_guard", "_send", "held", "mid", "qos")
 
     def __init__(self, send: SendAck, mid: int, qos: int, connection: int,
                  current: Callable[[], int]) -> None:
         self._send = send
-        self._mid = mid
-        self._qos = qos
+        self.mid = mid
+        self.qos = qos
         self._connection = connection  # the connection the message came in on
         self._current = current  # the connection now
-        self._lock = threading.Lock()  # taken by the one call that sends, never released
+        self._guard = threading.Lock()
+        self._done = False
         self.held = False  # someone (a turn) calls it later; the receiving thread must not
 
     def hold(self) -> Ack:
@@ -44,12 +47,28 @@ class Ack:
         self.held = True
         return self
 
+    @property
+    def connection(self) -> int:
+        return self._connection
+
     def __call__(self) -> None:
         """Sends the PUBACK; later calls do nothing."""
-        if not self._lock.acquire(blocking=False):
-            return  # sent already, or being sent by another thread
-        if self._connection == self._current():
-            self._send(self._mid, self._qos)
+        with self._guard:
+            if self._done:
+                return
+            self._done = True
+            here = self._connection == self._current()
+        if here:
+            self._send(self.mid, self.qos)
+
+    def rebind(self, connection: int) -> bool:
+        """Moves the acknowledgement to ``connection`` (its message came again on it); False
+        if it was called already."""
+        with self._guard:
+            if self._done:
+                return False
+            self._connection = connection
+            return True
 
 
 class _NoAck(Ack):

@@ -38,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.backoff import Backoff, DropCounter
+from agent.mqtt.redelivery import Redeliveries
 from agent.mqtt.tls import PLAIN_TO_TLS, answers_tls, configure_tls, handshake_message
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ class MqttClient:
         # After a dropped connection: why this agent must stop (agent.mqtt.rival), or None.
         self.rival_check: Callable[[], str | None] | None = None
         self.gave_up: str | None = None  # why the connection ended for good (run_forever exits)
+        self._redeliveries = Redeliveries()
 
     @property
     def where(self) -> str:
@@ -282,6 +284,8 @@ class MqttClient:
         self._connection += 1
         self._backoff.reset()
         resumed = getattr(flags, "session_present", False)
+        if not resumed:
+            self._redeliveries.new_session()
         log.info("connected to MQTT broker %s as %s (MQTT %s, %s session)", self.where,
                  self.client_id, self.config.mqtt_protocol, "resumed" if resumed else "new")
         result, self._sub_mid = client.subscribe(self.subscriptions)
@@ -384,6 +388,9 @@ class MqttClient:
                 # A retained request would be served again at every (re)subscribe.
                 log.warning("ignoring a retained message on %.200r", message.topic)
                 return
+            if ack is not NO_ACK and self._redeliveries.copy_handled(
+                    ack, bool(message.dup), self._connection):
+                return  # delivered again after a reconnect: served once (agent.mqtt.redelivery)
             self._handler(message.topic, message.payload, message.properties if self.v5 else None,
                           ack)
         except Exception:  # an exception here would end paho's network thread
