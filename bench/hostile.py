@@ -99,29 +99,31 @@ def retries(broker: Broker) -> None:
         client.ask("empty", requestId="e1", message="   ")
         client.ask("empty", requestId="e1", message="fixed")
         got = client.settle(len(client.messages()) + 6, 10)
-        report("rate limited, retried after its window", str(got["limit"][-1] == "echo: m-limit"),
-               "False (silence)")
-        report("`Error: empty message`, fixed, same requestId", str(got["empty"][-1] == "echo: fixed"),
-               "False (silence)")
+        answers = got["limit"].count("echo: m-limit")
+        report("rate limited, retried after its window", f"{answers} of 3 answered",
+               "2 of 3 (the retry: silence)")
+        report("`Error: empty message`, fixed, same requestId",
+               f"fixed one answered: {'echo: fixed' in got['empty']}", "False (silence)")
     finally:
         client.close()
         agent.stop()
 
 
 def backlog(broker: Broker) -> None:
-    """Item 2: 1,200 requests queued at the broker while the agent was away."""
+    """Item 2: 1,200 requests queued at the broker while the agent was away; the agent holds
+    32 (--max_queue) and answers in 50 ms."""
     for protocol in ("5", "3.1.1"):
         for roomy in (False, True):
             target = start_broker(listener_options=["max_queued_messages 2000"]) if roomy else broker
             config = settings(target, mqtt_protocol=protocol, max_requests_per_session=10_000,
-                              max_requests_per_client=10_000)
+                              max_requests_per_client=10_000, max_queue=32)
             first = Agent(config, FakeEngine())
             first.start()
             first.stop()
             client = Client(target)
             for i in range(1200):
                 client.ask(f"b{i}", wait=i % 100 == 99)
-            agent = Agent(config, FakeEngine(delay=0.02))
+            agent = Agent(config, FakeEngine(delay=0.05))
             agent.start()
             try:
                 got = client.settle(1200 if roomy else 1000, 60)
@@ -293,8 +295,8 @@ def template(broker: Broker) -> None:
     try:
         client.publish("general/template", json.dumps({"template": "w " * 450_000}))
         client.ask("after-template")
-        got = client.settle(1, 10)
-        report("900k-character project template", f"refused; a new session: {got['after-template'][0]!r}",
+        got = client.settle(1, 10).get("after-template", ["(no reply in 10 s)"])
+        report("900k-character project template", f"a new session then gets: {got[0]!r}",
                "every new session: 'Error: the message is too long'")
     finally:
         client.close()

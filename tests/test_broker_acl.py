@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from projects import load_project
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import MOSQUITTO_PASSWD, Broker, mosquitto_available, start_broker
 from tests.old_client import OldClient
+from tests.waiting import wait_until
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "mosquitto-acl.example"
 P = "general"
@@ -36,14 +35,6 @@ ALICE_TOPIC = ROOT + "alice/alice-phone"  # her deep reply topic: session level,
 needs_broker = pytest.mark.skipif(not mosquitto_available() or not MOSQUITTO_PASSWD,
                                   reason="mosquitto and mosquitto_passwd are needed")
 
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @dataclass

@@ -32,6 +32,7 @@ from agent.service.shutdown import ShutdownSignals, drain, forced_exit_code
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "vllm-deploy.service"
@@ -193,14 +194,6 @@ def longest_silence(listener: NotifySocket, since: float) -> float:
     times = [since, *pings_since(listener, since), time.monotonic()]
     return max(b - a for a, b in zip(times, times[1:], strict=False))
 
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @needs_broker

@@ -15,8 +15,10 @@ answered when it was killed is delivered again to the next process. The broker
 sends at most its limit of unacknowledged messages at a time, the rest wait at the
 broker (backpressure, not a flood of overload errors after an outage): on MQTT 5
 the Receive Maximum we send, ``--max_queue`` (what the agent holds); on 3.1.1
-Mosquitto's ``max_inflight_messages`` (default 20), which must not exceed
-``--max_queue`` (README, "The broker's limits").
+Mosquitto's ``max_inflight_messages``. Mosquitto 2.0 does not always keep to it
+(a resumed session's backlog comes at once), so with its queue full the chat door
+also stops reading until there is room (agent.mqtt.chat). A request delivered
+again after a reconnect is served once (agent.mqtt.redelivery).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -38,6 +40,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.mqtt.acks import NO_ACK, Ack
 from agent.mqtt.backoff import Backoff, DropCounter
+from agent.mqtt.loop_clock import LoopClient
 from agent.mqtt.redelivery import Redeliveries
 from agent.mqtt.tls import PLAIN_TO_TLS, answers_tls, configure_tls, handshake_message
 
@@ -81,39 +84,6 @@ def _no_delay(client: mqtt.Client, userdata: object, sock: object) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
 
 
-class _LoopClient(mqtt.Client):
-    """paho's client that notes when its network loop last came round (MqttClient.loop_age, for
-    the systemd watchdog): each pass of the loop (a select of at most 1 s while connected),
-    each reconnect attempt, and the end of the loop's thread (an exception out of a callback
-    ends it for good)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_tick = time.monotonic()
-        self.loop_ended = False
-
-    def loop_start(self) -> mqtt.MQTTErrorCode:
-        self.last_tick = time.monotonic()
-        return super().loop_start()
-
-    def loop_forever(self, *args: Any, **kwargs: Any) -> mqtt.MQTTErrorCode:
-        try:
-            return super().loop_forever(*args, **kwargs)
-        finally:
-            self.loop_ended = True
-
-    def loop_misc(self) -> mqtt.MQTTErrorCode:
-        self.last_tick = time.monotonic()
-        return super().loop_misc()
-
-    def reconnect(self) -> mqtt.MQTTErrorCode:
-        self.last_tick = time.monotonic()
-        try:
-            return super().reconnect()
-        finally:
-            self.last_tick = time.monotonic()
-
-
 class MqttClient:
     def __init__(
         self, config: AgentConfig, subscriptions: Sequence[Subscription], on_message: Handler
@@ -125,7 +95,7 @@ class MqttClient:
         from agent.mqtt.status import default_agent_id
 
         self.client_id = config.client_id or stable_client_id(config.agent_id or default_agent_id())
-        self._client = _LoopClient(
+        self._client = LoopClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
