@@ -317,3 +317,18 @@ def test_backoff_is_capped_exponential_and_jittered() -> None:
     assert first / 2 <= backoff.next() <= first
     with pytest.raises(ValueError, match="first <= cap"):
         Backoff(2.0, 1.0)
+
+
+def test_a_failing_on_connect_hook_does_not_end_the_network_loop(broker: Broker) -> None:
+    """An exception out of a paho callback ends paho's thread for good (then only the
+    watchdog would notice): the client's own on-connect work is guarded."""
+    from agent.mqtt.client import MqttClient
+
+    c = AgentConfig(**{**config(broker), "projects": ("general",)})
+    client = MqttClient(c, ["general/user_input"], lambda *a: None)
+    client.on_ready = lambda: 1 / 0
+    try:
+        client.start(wait=True, timeout=10)
+        assert client.ready and client.loop_age() is not None and client.loop_age() < 5
+    finally:
+        client.stop(flush_timeout=0)

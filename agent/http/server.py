@@ -18,7 +18,8 @@ class HttpServer:
         self._config = uvicorn.Config(
             app, host=host, port=port, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
             log_level="warning", access_log=False, lifespan="off", server_header=False,
-            timeout_graceful_shutdown=5)
+            timeout_graceful_shutdown=5,
+            log_config=None)  # uvicorn's lines through the agent's handler: escaped, one line each
         self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
         self.scheme = "https" if ssl_certfile else "http"

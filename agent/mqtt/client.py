@@ -347,7 +347,10 @@ class MqttClient:
             return
         log.info("subscribed to %s", ", ".join(t for t, _ in self.subscriptions))
         if self.on_ready is not None:
-            self.on_ready()  # before ready: start() returns with the online status sent
+            try:
+                self.on_ready()  # before ready: start() returns with the online status sent
+            except Exception:  # raised here, it would end paho's network thread
+                log.exception("the on-connect work failed")
         self._subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
