@@ -113,9 +113,9 @@ def plan_kv_cache(model: torch.nn.Module, config: EngineConfig, device: torch.de
         _, total = torch.cuda.mem_get_info(device)
         pool, utilization, weights_in_pool = total, config.gpu_memory_utilization, True
     else:
-        import psutil
+        from engine.host_memory import available_bytes  # within the cgroup's MemoryMax
 
-        pool, utilization = psutil.virtual_memory().available, config.cpu_memory_utilization
+        pool, utilization = available_bytes(), config.cpu_memory_utilization
         weights_in_pool = False  # already loaded: no longer in "available"
     plan = plan_memory(
         device=device.type, pool_bytes=pool, utilization=utilization,
