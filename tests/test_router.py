@@ -380,3 +380,25 @@ def test_a_request_states_its_own_deadline(make_router: MakeRouter) -> None:
     assert len(replies.items) == 2 and items[0][0] == "maze/assistant_response/own"
     send(router, sessionId="bad", message="x", timeoutS=-1)
     assert replies.wait(3)[-1][1] == "Error: timeoutS must be a number in (0, 86400], got -1"
+
+
+def test_a_turn_ended_while_its_generation_is_submitted_is_cancelled_once(
+    make_router: MakeRouter,
+) -> None:
+    """The turn times out (or its client goes away) on another thread while the engine takes
+    its request: the thread that ended it and the one that submitted it both see a generation
+    to cancel; the engine hears of it once."""
+    holder: list[ChatRig] = []
+
+    class EndedDuringSubmit(FakeEngine):
+        def submit(self, request):  # type: ignore[no-untyped-def]
+            super().submit(request)
+            [turn] = holder[0].lanes.unanswered()
+            holder[0].core.expire(turn)  # what the deadline watcher's thread would do now
+
+    router, engine, replies = make_router(EndedDuringSubmit(delay=5.0))
+    holder.append(router)
+    send(router, sessionId="s", message="hi")
+    replies.wait(1)
+    assert replies.items[0][1].startswith("Error: no answer within")
+    assert engine.cancelled == [engine.requests[0].request_id]

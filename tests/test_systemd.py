@@ -271,12 +271,12 @@ def test_watchdog_pings_stop_for_good_once_the_mqtt_thread_died(
     try:
         listener.wait("READY", "1")
 
-        def fail() -> None:
-            raise RuntimeError("the online status could not be published")
+        def fail(*args: object) -> None:
+            raise RuntimeError("a bug in a paho callback")
 
-        # the SUBACK after the reconnect calls on_ready in paho's thread: its exception ends
-        # the thread, and with it every later request; only the watchdog can notice
-        agent.mqtt.on_ready = fail
+        # the CONNACK after the reconnect calls on_connect in paho's thread: an exception
+        # there ends the thread, and with it every later request; only the watchdog can notice
+        agent.mqtt._client.on_connect = fail
         broker.restart()
         assert wait_until(lambda: agent.mqtt.loop_age() == float("inf"), 10)
         dead = time.monotonic()

@@ -105,6 +105,7 @@ class Conversation:
         self._watcher = DeadlineWatcher(self.expire, clock, done=lambda turn: turn.answered)
         self.stopping = False  # new requests get the shutting-down reply
         self._closed = False  # stop(): no queued turn starts any more
+        self._cancelling = threading.Lock()  # _cancel_generation: one cancel per generation
 
     # ---- the front doors' API ----
 
@@ -211,8 +212,8 @@ class Conversation:
 
     def cancel(self, turn: Turn) -> None:
         """Ends ``turn`` (its client went away) and frees its place in the engine at once."""
-        if self.finish(turn, CANCELLED) and turn.engine_id:
-            self.engine.cancel(turn.engine_id)
+        if self.finish(turn, CANCELLED):
+            self._cancel_generation(turn)
 
     def refuse_new(self) -> None:
         """A graceful stop's first step: new requests get the shutting-down reply, the ones
@@ -300,8 +301,8 @@ class Conversation:
                 self.lanes.advance(turn)
                 return True
             return False
-        if self.finish(turn, SHUTTING_DOWN) and turn.engine_id:
-            self.engine.cancel(turn.engine_id)
+        if self.finish(turn, SHUTTING_DOWN):
+            self._cancel_generation(turn)
         return False
 
     def _refuse(self, request: TurnRequest, deliver: Deliver, text: str, reason: str,
@@ -399,8 +400,8 @@ class Conversation:
             return
         finally:
             self._local.submitting = outer
-        if turn.answered and turn.engine_id == generation.request_id:
-            self.engine.cancel(generation.request_id)  # timed out (or shut down) meanwhile
+        if turn.answered:  # timed out, cancelled or shut down meanwhile
+            self._cancel_generation(turn, generation.request_id)
 
     def _reset(self, turn: Turn) -> None:
         """A reset request: forgets the session (history, system prompt) in its lane's order."""
@@ -410,6 +411,16 @@ class Conversation:
         self.finish(turn, RESET_REPLY, ok=True)
 
     # ---- the engine's result, to the reply ----
+
+    def _cancel_generation(self, turn: Turn, only: str | None = None) -> None:
+        """Cancels the turn's generation in the engine, once: the thread that answers the
+        turn and the one that submitted it may both get here (``only``: if it is that one)."""
+        with self._cancelling:
+            engine_id = turn.engine_id
+            if engine_id is None or (only is not None and engine_id != only):
+                return
+            turn.engine_id = None
+        self.engine.cancel(engine_id)
 
     def _on_done(self, turn: Turn, result: GenerationResult) -> None:
         """The engine's ``on_done``. From the engine's thread, the result goes to a worker; an
@@ -496,8 +507,8 @@ class Conversation:
             return
         log.warning("request %d of session %s/%s timed out", turn.seq, *turn.key)
         reply = f"Error: no answer within {turn.timeout:g} s. Please try again."
-        if self.finish(turn, reply) and turn.engine_id:
-            self.engine.cancel(turn.engine_id)
+        if self.finish(turn, reply):
+            self._cancel_generation(turn)
 
 
 def _request_key(request: TurnRequest) -> RequestKey:
