@@ -49,9 +49,14 @@ def load_model_for(config: EngineConfig) -> LoadedModel:
     """Resolve device, dtype and quantization for ``config``; load tokenizer and model."""
     from engine.config import ModelConfig
     from engine.device import resolve_device, resolve_dtype
+    from engine.gguf import is_gguf_path
     from engine.loader import load_model
     from engine.quantization import resolve as resolve_quantization
 
+    if is_gguf_path(config.model_path):  # config, tokenizer and weights from one GGUF file
+        from engine.gguf.load import load_gguf_for
+
+        return load_gguf_for(config)
     device = resolve_device(config.device)
     model_config = ModelConfig.from_pretrained(config.model_path)
     dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
+from engine.gguf import is_gguf_path
 from engine.layers.linear import Linear
 from engine.models import get_model_class
 from engine.quantization.base import QuantConfig, QuantFormatError, TensorSet
@@ -49,6 +50,12 @@ def load_model(
     layers that ``quant`` quantizes read their own tensors (``QuantLinearMethod.load``)."""
     started = time.monotonic()
     path = Path(path)
+    if is_gguf_path(path):  # a GGUF file carries its own quantization (engine.gguf)
+        if quant is not None:
+            raise QuantFormatError(f"{path}: a GGUF file carries its own quantization")
+        from engine.gguf.load import load_gguf_model
+
+        return load_gguf_model(path, dtype, device, config)[0]
     config = config or ModelConfig.from_pretrained(path)
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, quant)

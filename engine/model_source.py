@@ -1,4 +1,5 @@
-"""Where the model comes from: ``--model`` resolved to a local folder with config.json.
+"""Where the model comes from: ``--model`` resolved to a local folder with config.json,
+or to a GGUF file (a ``.gguf`` path, or a folder without config.json holding one).
 
 A local folder is used as it is. Anything else is a model id (``Org/Name``) or an
 alias (``qwq-32b``): it is looked up in the cache (Hugging Face layout,
@@ -41,6 +42,7 @@ PROVIDERS = ("huggingface", "modelscope")
 # What the engine reads; other weight formats (.bin, .pth, .gguf) are not downloaded.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_SPLIT_GGUF = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 
 
 class ModelSourceError(EngineError):
@@ -56,11 +58,15 @@ def resolve_model(
     auto_download: bool = False,
     timeout: float = 10.0,
 ) -> Path:
-    """The local folder (holding config.json) of ``model``: a path, a model id or an alias."""
+    """The local folder (holding config.json) of ``model``, or its GGUF file: a path, a model
+    id or an alias."""
     if provider not in PROVIDERS:
         raise ModelSourceError(f"unknown model provider {provider!r}: use {' or '.join(PROVIDERS)}")
     path = Path(model).expanduser()
     if path.exists():
+        gguf_file = find_gguf_file(path)
+        if gguf_file is not None:
+            return gguf_file
         return _checked_folder(path, f"model folder {model}")
     if _looks_like_path(model):
         raise ModelSourceError(f"model folder {model} does not exist")
@@ -77,6 +83,32 @@ def resolve_model(
     else:
         folder = _huggingface(repo_id, cache_dir, revision, auto_download, timeout)
     return _checked_folder(folder, f"the snapshot of {repo_id} ({folder})")
+
+
+def find_gguf_file(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: the file itself, or the one ``*.gguf`` in a folder
+    without config.json; None for anything else. Several files, or a split GGUF, is an error."""
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelSourceError(f"--model {path} is a file but not a .gguf file; pass a model folder or a .gguf file")
+        files = [path]
+    elif path.is_dir() and not (path / "config.json").is_file():
+        files = sorted(path.glob("*.gguf"))
+        if not files:
+            return None
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files[:6])
+            raise ModelSourceError(
+                f"model folder {path} holds {len(files)} GGUF files ({names}); pass the one to serve"
+            )
+    else:
+        return None
+    if _SPLIT_GGUF.search(files[0].name):
+        raise ModelSourceError(
+            f"{files[0]} is one part of a split GGUF; merge the parts first "
+            "(llama-gguf-split --merge FIRST-PART OUT.gguf) and pass the merged file"
+        )
+    return files[0].resolve()
 
 
 def _looks_like_path(model: str) -> bool:

@@ -418,7 +418,7 @@ def test_the_quantize_example_and_its_options() -> None:
     assert (args.method, args.bits, args.group_size, args.calibration) == \
         ("awq", 4, 128, "texts.txt")
     method = next(a for a in parser._actions if a.dest == "method")
-    assert set(method.choices) == {"awq", "gptq", "fp8", "int8"}
+    assert set(method.choices) == {"awq", "gptq", "fp8", "int8", "gguf"}  # "--method gguf ..."
     more = parser.parse_args([*words[3:9], "--method", "gptq", "--act_order", "--algorithm", "rtn"])
     assert more.act_order and more.algorithm == "rtn"
 

@@ -70,8 +70,8 @@ FLAGS: tuple[Flag, ...] = (
        "a name without a file in projects/ gets the generic assistant", metavar="NAME"),
     # model
     _f("model", "str", "Qwen/QwQ-32B", "launcher", M,
-       "local model folder (with config.json), Hugging Face / ModelScope id, or alias "
-       "such as qwq-32b", metavar="PATH_OR_ID"),
+       "local model folder (with config.json), a GGUF file (or a folder holding one), "
+       "Hugging Face / ModelScope id, or alias such as qwq-32b", metavar="PATH_OR_ID"),
     _f("model_provider", "str", "huggingface", "launcher", M,
        "where model ids are looked up and downloaded from",
        choices=("huggingface", "modelscope")),

@@ -104,3 +104,4 @@ class AWQLinearMethod(PackedLinearMethod):
         layer.register_buffer("qweight", pack_along_k(q, 4))
         layer.register_buffer("scales", scales.to(device=device, dtype=dtype))
         layer.register_buffer("zeros", zeros.to(dtype))
+        self.finish_load(layer, device, dtype)

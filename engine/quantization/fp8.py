@@ -19,7 +19,10 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from deploy_kernels.act_quant_ref import quantize_fp8_per_tensor_ref, quantize_fp8_per_token_ref
+from deploy_kernels.fp8_gemm_ref import dequantize_fp8_weight
 from engine.layers.linear import Linear
 from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 from engine.quantization.compressed_tensors import (
@@ -154,13 +157,22 @@ class FP8LinearMethod(QuantLinearMethod):
         set_buffer(layer, "weight", weight.contiguous())
         set_buffer(layer, "weight_scale", scale)
         set_buffer(layer, "input_scale", input_scale)
+        if device.type == "cpu":  # no fp8 matmul on a CPU: dequantize once, not per call
+            from engine.quantization.cpu_kernels import log_cpu_once
+
+            log_cpu_once("fp8", "FP8 on the CPU: no fp8 CPU kernel; weights dequantized once at load to %s "
+                         "(kept beside the e4m3 weight)", dtype)
+            dense = dequantize_fp8_weight(layer.weight, layer.weight_scale).to(dtype)
+            set_buffer(layer, "dense_weight", dense)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         from deploy_kernels.fp8_gemm import fp8_linear
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.scheme.input_strategy is None:  # weight-only: activations stay in x.dtype
+        if getattr(layer, "dense_weight", None) is not None and x.device.type == "cpu":
+            y = self._apply_cpu(layer, x2)
+        elif self.scheme.input_strategy is None:  # weight-only: activations stay in x.dtype
             if x.device.type == "cuda":
                 y = fp8_linear(x2, layer.weight, layer.weight_scale, None, layer.bias, force_weight_only=True)
             else:
@@ -170,6 +182,17 @@ class FP8LinearMethod(QuantLinearMethod):
         else:
             y = fp8_linear(x2, layer.weight, layer.weight_scale, layer.input_scale, layer.bias)
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _apply_cpu(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """The reference's maths on the weight dequantized at load: activations quantized to
+        e4m3 as the GPU does (per token, or with the static scale) unless weight-only."""
+        if self.scheme.input_strategy is not None:
+            if layer.input_scale is None:
+                xq, sx = quantize_fp8_per_token_ref(x)
+            else:
+                xq, sx = quantize_fp8_per_tensor_ref(x, layer.input_scale)
+            x = (xq.float() * sx).to(x.dtype)
+        return F.linear(x, layer.dense_weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
 
     @staticmethod
     def dequantize(layer: Linear) -> torch.Tensor:

@@ -160,6 +160,7 @@ class GPTQLinearMethod(PackedLinearMethod):
             layer.register_buffer("qweight", pack_along_k(q[perm], self.runtime_bits))
         layer.register_buffer("scales", scales.to(dtype))
         layer.register_buffer("zeros", zeros.to(dtype))
+        self.finish_load(layer, device, dtype)
 
     def _load_dense(
         self,
@@ -183,3 +184,4 @@ class GPTQLinearMethod(PackedLinearMethod):
         )
         w = (q.float() - zeros.float()[g_idx]) * scales.float()[g_idx]
         layer.register_buffer("dense_weight", w.to(dtype))
+        self.finish_load(layer, w.device, dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from engine.layers.linear import Linear
 from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
@@ -121,16 +122,59 @@ class Int8LinearMethod(QuantLinearMethod):
         set_buffer(layer, "weight_scale", scale)
         set_buffer(layer, "input_scale", input_scale)
         set_buffer(layer, "input_zero_point", zero_point)
+        if device.type == "cpu":
+            self._bind_cpu(layer, weight, zero_point is not None, dtype)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         from deploy_kernels.int8_gemm import int8_linear
 
         shape = x.shape
+        if "cpu_weight_sums" in layer._buffers and x.device.type == "cpu":
+            y = self._apply_cpu(layer, x.reshape(-1, shape[-1]))
+            return y.reshape(*shape[:-1], y.shape[-1])
         y = int8_linear(
             x.reshape(-1, shape[-1]), layer.weight, layer.weight_scale, layer.input_scale,
             layer.input_zero_point, layer.bias,
         )
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def _bind_cpu(layer: Linear, weight: torch.Tensor, zero_point: bool, dtype: torch.dtype) -> None:
+        """Once at load: float32 activations keep the reference's exactness with the int8
+        weight as float32 (integers, exact) beside it; bf16/fp16 ones use torch's int8
+        kernel on the int8 weight as it is."""
+        from engine.quantization.cpu_kernels import KERNEL_DTYPE, log_cpu_once
+
+        if dtype == torch.float32:
+            log_cpu_once("int8-float32", "INT8 W8A8 on the CPU with float32 activations: int8 weights also "
+                         "kept as float32 (exact integer products; --dtype bfloat16 uses torch's int8 kernel)")
+            set_buffer(layer, "cpu_dense", weight.float())
+        else:
+            log_cpu_once("int8", "INT8 W8A8 on the CPU: activations quantized as on the GPU, integer "
+                         "products by torch's int8 kernel (_weight_int8pack_mm, bfloat16 compute)")
+            set_buffer(layer, "cpu_ones", torch.ones(weight.shape[0], dtype=KERNEL_DTYPE, device=weight.device))
+        set_buffer(layer, "cpu_weight_sums", weight.float().sum(dim=1) if zero_point else None)
+
+    @staticmethod
+    def _apply_cpu(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``int8_linear_ref``'s maths with the integer products from a float32 matmul
+        (float32 models) or the int8 kernel (exact integers in, float32 sums rounded once
+        to bf16 out)."""
+        from deploy_kernels.int8_gemm_ref import quantize_int8_input_ref
+        from engine.quantization.cpu_kernels import int8_products_cpu
+
+        xq, sx = quantize_int8_input_ref(x, layer.input_scale, layer.input_zero_point)
+        dense = getattr(layer, "cpu_dense", None)
+        if dense is not None:
+            acc = F.linear(xq.float(), dense)
+        else:
+            acc = int8_products_cpu(xq, layer.weight, layer.cpu_ones)
+        if layer.input_zero_point is not None:
+            acc = acc - layer.input_zero_point.float() * layer.cpu_weight_sums
+        y = acc * sx * layer.weight_scale.float().reshape(1, -1)
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        return y.to(x.dtype)
 
     @staticmethod
     def dequantize(layer: Linear) -> torch.Tensor:

@@ -5,6 +5,9 @@ Runtime buffers of a layer (registered on it, so ``.to()`` and ``state_dict`` se
 ``qweight`` int32 packed along K, then ``scales`` + ``zeros`` (integer GEMM) or ``lut``
 (lookup-table GEMM); ``perm`` [K] when the input channels were sorted (GPTQ act-order);
 ``dense_weight`` [K, N] instead of all of these when no packed form fits; ``bias``.
+On the CPU, ``engine.quantization.cpu_bind`` replaces them once at load by what a CPU
+kernel reads (``cpu_qweight`` + ``cpu_scales_zeros``, or ``cpu_qweight`` + ``cpu_scales`` +
+``cpu_offsets``) or by ``dense_weight``.
 """
 
 from __future__ import annotations
@@ -111,6 +114,8 @@ class PackedLinearMethod(QuantLinearMethod):
     runtime_bits: int = 4
     group_size: int = 0
     lut_gemm: bool = False
+    cpu_kind: str | None = None  # "int4" | "int8" | "dense" once bound for the CPU
+    cpu_group: int = 0  # the int4 CPU kernel's group size
 
     def __init__(self, config: PackedQuantConfig) -> None:
         self.config = config
@@ -131,6 +136,13 @@ class PackedLinearMethod(QuantLinearMethod):
             bias = tensors.take("bias", (layer.out_features,), FLOAT_DTYPES)
             layer.register_buffer("bias", bias.to(device=device, dtype=dtype))
 
+    def finish_load(self, layer: Linear, device: torch.device, dtype: torch.dtype) -> None:
+        """Bind the CPU path once (GPU layers keep the packed buffers for Triton)."""
+        if device.type == "cpu":
+            from engine.quantization.cpu_bind import bind_packed_cpu
+
+            bind_packed_cpu(self, layer, dtype)
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, layer.in_features)
@@ -138,7 +150,9 @@ class PackedLinearMethod(QuantLinearMethod):
         if perm is not None:
             x = x.index_select(1, perm)
         dense = getattr(layer, "dense_weight", None)
-        if dense is not None:
+        if self.cpu_kind in ("int4", "int8"):
+            y = self._cpu_kernel(layer, x)
+        elif dense is not None:
             y = x @ dense.to(x.dtype)
             if layer.bias is not None:
                 y = y + layer.bias.to(x.dtype)
@@ -157,6 +171,15 @@ class PackedLinearMethod(QuantLinearMethod):
             )
         return y.reshape(*shape[:-1], layer.out_features)
 
+    def _cpu_kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        from engine.quantization.cpu_kernels import int4_mm_cpu, int8_mm_cpu
+
+        if x.is_cuda:
+            raise RuntimeError("this layer was bound to a CPU kernel at load; load the model on the GPU instead")
+        if self.cpu_kind == "int4":
+            return int4_mm_cpu(x, layer.cpu_qweight, layer.cpu_scales_zeros, self.cpu_group, layer.bias)
+        return int8_mm_cpu(x, layer.cpu_qweight, layer.cpu_scales, layer.cpu_offsets, layer.bias)
+
     @torch.no_grad()
     def dequantize(self, layer: Linear) -> torch.Tensor:
         """The layer's weight ``W [K, N]`` in float32 (``y = x W + b``) from its runtime
@@ -165,6 +188,14 @@ class PackedLinearMethod(QuantLinearMethod):
         dense = getattr(layer, "dense_weight", None)
         if dense is not None:
             w = dense.float()
+        elif self.cpu_kind == "int4":
+            from engine.quantization.cpu_kernels import unpack_int4_cpu
+
+            w = unpack_int4_cpu(layer.cpu_qweight, layer.cpu_scales_zeros, self.cpu_group)
+        elif self.cpu_kind == "int8":
+            w = layer.cpu_qweight.t().float() * layer.cpu_scales.float()
+            if layer.cpu_offsets is not None:
+                w = w + layer.cpu_offsets
         elif self.lut_gemm:
             w = dequantize_lut(layer.qweight, layer.lut, k)
         else:

@@ -81,3 +81,4 @@ class SqueezeLLMLinearMethod(PackedLinearMethod):
         table[:, : 2**bits] = lut.to(device=device, dtype=dtype)
         layer.register_buffer("qweight", qweight)
         layer.register_buffer("lut", table)
+        self.finish_load(layer, device, dtype)

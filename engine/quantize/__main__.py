@@ -1,4 +1,4 @@
-"""``python -m engine.quantize --model SRC --output DST --method awq|gptq|fp8|int8 ...``"""
+"""``python -m engine.quantize --model SRC --output DST --method awq|gptq|fp8|int8|gguf ...``"""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.quantize",
         description="Quantize a fp16/bf16/fp32 Llama-family checkpoint into AWQ (AutoAWQ GEMM), "
-        "GPTQ (AutoGPTQ v1) or compressed-tensors FP8 / INT8 W8A8.",
+        "GPTQ (AutoGPTQ v1), compressed-tensors FP8 / INT8 W8A8, or one GGUF file for llama.cpp.",
     )
     p.add_argument("--model", required=True, help="source checkpoint folder")
-    p.add_argument("--output", required=True, help="new (or empty) output folder")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--output", required=True, help="new (or empty) output folder; gguf: a new .gguf file")
+    p.add_argument("--method", required=True, choices=(*METHODS, "gguf"))
+    p.add_argument(
+        "--gguf_type",
+        default="Q8_0",
+        help="gguf: Q8_0 (default), Q4_0 (token embedding and head in Q8_0), F16 or F32",
+    )
     p.add_argument(
         "--bits", type=int, default=None, help="awq: 4; gptq: 2, 3, 4 (default) or 8; fp8/int8: 8"
     )
@@ -77,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.method == "gguf":
+            from engine.gguf.writer import write_gguf
+
+            write_gguf(args.model, args.output, args.gguf_type)
+            return 0
         quantize_checkpoint(
             args.model,
             args.output,

@@ -1,0 +1,373 @@
+"""GGUF checkpoints: read (every supported tensor type), served, written, and checked against
+the ``gguf`` package (its dequantization, its reader), transformers (``gguf_file=``) and
+llama.cpp (llama-cpp-python).
+
+The Triton path runs in the interpreter: ``tests/gguf_interp.py``, in a child process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine.api import EngineConfig, SamplingParams
+from engine.gguf import is_gguf_path
+from engine.gguf.linear import GGUFLinearMethod, group_affine
+from engine.gguf.load import load_gguf_model
+from engine.gguf.mapping import GGUFArchitectureError
+from engine.gguf.reader import GGUFCheckpoint
+from engine.gguf.types import GROUP_TYPES, GGUFTypeError, to_group_affine
+from engine.gguf.writer import write_gguf
+from engine.model_source import ModelSourceError, resolve_model
+from tests.checkpoints import tiny_checkpoint
+from tests.gguf_files import FILES, gguf_file, random_k_blocks
+
+Q = gguf.GGMLQuantizationType
+PROMPTS = [[5, 17, 99, 3, 250, 7], [300, 12, 44], [1, 33, 128, 9, 9, 61, 2, 400]]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("gguf")
+    return lambda layout: gguf_file(root, layout)
+
+
+def _fp16_fields(qtype: Q, blocks: np.ndarray, rng: np.random.Generator) -> None:
+    """Put finite fp16 values where the block type keeps its fp16 scales (random bytes could
+    be NaN there)."""
+    at = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+    for offset in at[qtype]:
+        values = rng.standard_normal((blocks.shape[0], 1)) * 0.05
+        blocks[:, offset : offset + 2] = values.astype(np.float16).view(np.uint8)
+
+
+# -- tensor types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", list(GROUP_TYPES), ids=lambda t: Q(t).name)
+def test_block_types_equal_gguf_dequantize_exactly(qtype: int) -> None:
+    """Random blocks (every bit pattern of values, scales and mins) -> q * scale + min equals
+    gguf.quants.dequantize exactly (a zero may differ in sign only: 8d - 8d is +0.0 where
+    ggml's d * 0 is -0.0 for a negative d)."""
+    rng = np.random.default_rng(int(qtype))
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    n, k = 7, 512
+    raw = rng.integers(0, 256, size=(n, k // block * nbytes), dtype=np.uint8)
+    _fp16_fields(Q(qtype), raw.reshape(-1, nbytes), rng)
+    ours = to_group_affine(raw, qtype, (n, k), "t").dequantize().numpy()
+    ref = gguf.quants.dequantize(raw, Q(qtype))
+    assert ref.dtype == np.float32 and np.isfinite(ref).all()
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+def test_quantized_by_gguf_reads_back_exactly(qtype: Q) -> None:
+    w = np.random.default_rng(1).standard_normal((16, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    ga = to_group_affine(raw, qtype, w.shape, "t")
+    assert torch.equal(ga.dequantize(), torch.from_numpy(gguf.quants.dequantize(raw, qtype)))
+    assert ga.q.dtype == torch.uint8 and int(ga.q.max()) < 2**ga.bits
+
+
+def test_k_quant_fields_are_what_gguf_reads() -> None:
+    """The test files' hand-built K-quant blocks dequantize (gguf's reading) to values of the
+    size asked for: the fixture is a sensible model, not noise of any size."""
+    rng = np.random.default_rng(0)
+    for qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        w = gguf.quants.dequantize(random_k_blocks(qtype, 8, 512, rng, 0.05), qtype)
+        assert w.shape == (8, 512) and 0.01 < np.abs(w).mean() < 0.2
+
+
+def test_an_unsupported_tensor_type_is_a_clear_error(tmp_path: Path) -> None:
+    def encode(name: str, values: np.ndarray):
+        if values.ndim == 1:
+            return values.astype(np.float32), Q.F32
+        return gguf.quants.quantize(values, Q.Q5_0), Q.Q5_0
+
+    path = write_gguf(tiny_checkpoint("llama"), tmp_path / "q5_0.gguf", encode=encode)
+    with pytest.raises(GGUFTypeError, match=r"GGUF tensor '[\w.]+' has type Q5_0, which this engine does not read; supported: F32"):
+        GGUFCheckpoint(path)
+
+
+def test_an_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "gemma.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFArchitectureError, match=r"architecture 'gemma' is not supported; supported: llama"):
+        GGUFCheckpoint(path)
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def _transformers(path: Path):
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("layout", list(FILES))
+def test_loaded_weights_equal_transformers_dequantization(layout: str, files) -> None:
+    """Every weight we hold (plain, or q * scale + min of a quantized layer) equals the one
+    transformers loads from the same file (gguf.quants.dequantize, Q/K rows un-permuted)."""
+    path = files(layout)
+    model, quant = load_gguf_model(path, torch.float32, "cpu")
+    reference = _transformers(path).state_dict()
+    quantized = {n: m for n, m in model.named_modules() if getattr(m, "quantized", False)}
+    assert bool(quantized) == (layout not in ("F32", "F16", "BF16"))
+    for name, layer in quantized.items():
+        assert torch.equal(layer.quant_method.dequantize(layer).t(), reference[f"{name}.weight"]), name
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference[name]), name
+
+
+@pytest.mark.parametrize("layout", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_greedy_tokens_equal_transformers_on_the_same_gguf(layout: str, files) -> None:
+    from engine import create_engine
+
+    path = files(layout)
+    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", num_kv_blocks=64,
+                                        max_model_len=256))
+    try:
+        results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    reference = _transformers(path)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        ids = torch.tensor([prompt])
+        expected = reference.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert result.token_ids == expected[0, len(prompt):].tolist(), layout
+
+
+def test_served_quantization_and_config_come_from_the_file(files) -> None:
+    ck = GGUFCheckpoint(files("Q4_K_M"))
+    config = ck.model_config()
+    assert (config.architecture, config.hidden_size, config.head_dim) == ("LlamaForCausalLM", 256, 64)
+    assert config.torch_dtype == "float16"
+    tok = ck.hf_tokenizer()
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    _, quant = load_gguf_model(ck, torch.float32, "cpu")
+    assert quant is not None and quant.describe() == "gguf Q4_K x10, Q6_K x5"  # 2 layers x 7 + head
+
+
+def test_qwen3_head_dim_comes_from_the_file(tmp_path: Path) -> None:
+    """transformers' qwen3 mapping drops attention.key_length (its config says 128); ours reads it."""
+    path = write_gguf(tiny_checkpoint("qwen3"), tmp_path / "qwen3.gguf", "F32")
+    assert GGUFCheckpoint(path).model_config().head_dim == 32
+
+
+def test_cpu_kernels_get_the_group_weights(files) -> None:
+    """The plug-in point for CPU kernels: (q, scales, mins, group) rebuild the layer's weight,
+    and a bound kernel replaces the reference forward."""
+    model, _ = load_gguf_model(files("Q4_1"), torch.float32, "cpu")
+    layer = model.model.layers[0].mlp.up_proj
+    gw = group_affine(layer)
+    n, k = gw.q.shape
+    w = (gw.q.float().view(n, k // gw.group, gw.group) * gw.scales[..., None] + gw.mins[..., None]).view(n, k)
+    assert torch.equal(w, layer.quant_method.dequantize(layer).t())
+    x = torch.randn(3, k)
+    assert torch.allclose(layer(x), x @ w.t(), atol=1e-5)
+    from engine.gguf.linear import bind_cpu_kernel
+
+    bind_cpu_kernel(layer, lambda x: torch.full((x.shape[0], n), 7.0))
+    assert torch.equal(layer(x), torch.full((3, n), 7.0))
+
+
+def test_triton_int_gemm_in_interpreter(run_in_triton_interpreter) -> None:
+    run_in_triton_interpreter("gguf_interp.py")
+
+
+# -- where the model comes from ----------------------------------------------------------------
+
+
+def test_model_source_accepts_a_gguf_file_or_a_folder_with_one(files, tmp_path: Path) -> None:
+    path = files("Q8_0")
+    assert resolve_model(str(path)) == path.resolve() and is_gguf_path(path)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(path)
+    assert resolve_model(str(folder)) == path.resolve()  # the link, followed
+    (folder / "other.gguf").symlink_to(path)
+    with pytest.raises(ModelSourceError, match="holds 2 GGUF files"):
+        resolve_model(str(folder))
+    split = tmp_path / "m-00001-of-00002.gguf"
+    split.symlink_to(path)
+    with pytest.raises(ModelSourceError, match="split GGUF"):
+        resolve_model(str(split))
+    text = tmp_path / "m.txt"
+    text.write_text("x")
+    with pytest.raises(ModelSourceError, match="not a .gguf file"):
+        resolve_model(str(text))
+
+
+def test_quantization_flag_on_a_gguf_is_refused(files) -> None:
+    from engine import create_engine
+
+    with pytest.raises(ValueError, match="carries its own quantization"):
+        create_engine(EngineConfig(model_path=str(files("Q8_0")), device="cpu", quantization="awq"))
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_type", ["Q8_0", "Q4_0", "F16", "F32"])
+def test_writer_round_trip(file_type: str, tmp_path: Path) -> None:
+    """What the gguf package reads back is what we meant to write: each tensor's stored data
+    equals gguf's own encoding of the source tensor (Llama Q/K rows in llama.cpp's order),
+    and the metadata llama.cpp needs is there."""
+    from engine.gguf.mapping import permute_rows
+    from engine.loader import load_model
+
+    src = tiny_checkpoint("llama")
+    path = write_gguf(src, tmp_path / "m.gguf", file_type)
+    reader = gguf.GGUFReader(path)
+    source = {n: p.detach().numpy() for n, p in load_model(src, torch.float32, "cpu").named_parameters()}
+    expected_types = {"Q8_0": Q.Q8_0, "Q4_0": Q.Q4_0, "F16": Q.F16, "F32": Q.F32}[file_type]
+    pairs = {"blk.0.attn_q.weight": ("model.layers.0.self_attn.q_proj.weight", 4),
+             "blk.1.attn_k.weight": ("model.layers.1.self_attn.k_proj.weight", 2),
+             "blk.1.ffn_down.weight": ("model.layers.1.mlp.down_proj.weight", None),
+             "output.weight": ("lm_head.weight", None),
+             "blk.0.attn_norm.weight": ("model.layers.0.input_layernorm.weight", None)}
+    tensors = {t.name: t for t in reader.tensors}
+    for gname, (name, heads) in pairs.items():
+        values = source[name] if heads is None else permute_rows(source[name], heads)
+        t = tensors[gname]
+        if values.ndim == 1:
+            assert t.tensor_type == Q.F32 and np.array_equal(np.asarray(t.data), values)
+            continue
+        qtype = Q.Q8_0 if gname == "output.weight" and file_type == "Q4_0" else expected_types
+        assert t.tensor_type == qtype, gname
+        stored = np.asarray(t.data)
+        assert np.array_equal(stored.reshape(-1), gguf.quants.quantize(values, qtype).reshape(-1)), gname
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert (field("llama.block_count"), field("llama.attention.head_count"),
+            field("llama.attention.head_count_kv"), field("llama.embedding_length")) == (2, 4, 2, 64)
+    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == 512
+    assert "<|im_start|>" in field("tokenizer.chat_template")
+    assert field("tokenizer.ggml.eos_token_id") == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_written_f32_gguf_gives_transformers_the_original_logits(arch: str, tmp_path: Path) -> None:
+    """transformers, reading our file with its own GGUF code, gets the source model back
+    exactly: names, Q/K permutation and hyperparameters are what llama.cpp's converter writes."""
+    src = tiny_checkpoint(arch)
+    path = write_gguf(src, tmp_path / "m.gguf", "F32")
+    ids = torch.tensor([PROMPTS[2]])
+    original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    assert torch.equal(_transformers(path)(ids).logits, original(ids).logits)
+
+
+def test_quantize_command_writes_gguf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from engine.quantize.__main__ import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["--model", str(tiny_checkpoint("qwen2")), "--output", str(out), "--method", "gguf",
+                 "--gguf_type", "Q4_0"]) == 0
+    assert GGUFCheckpoint(out).describe_types().startswith("Q4_0 x 14")
+    assert main(["--model", str(tiny_checkpoint("qwen2")), "--output", str(tmp_path / "x.gguf"),
+                 "--method", "gguf", "--gguf_type", "Q2_K"]) == 2
+    assert "GGUF type 'Q2_K' is not written" in capsys.readouterr().err
+
+
+def _llama_cpp(path: Path, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False, logits_all=logits_all)
+
+
+def test_llama_cpp_generates_our_greedy_tokens_on_our_file(tmp_path: Path) -> None:
+    """llama.cpp (llama-cpp-python, built from source) loads the F32 file we wrote and picks
+    the same greedy tokens as our engine on it: names, Q/K row order, hyperparameters and
+    the tokenizer table are what llama.cpp expects."""
+    from engine import create_engine
+
+    path = write_gguf(tiny_checkpoint("llama"), tmp_path / "m.gguf", "F32")
+    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", num_kv_blocks=32,
+                                        max_model_len=128))
+    try:
+        ours = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    finally:
+        engine.shutdown()
+    llm = _llama_cpp(path)
+    for prompt, result in zip(PROMPTS, ours, strict=True):
+        theirs = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            theirs.append(token)
+            if len(theirs) == 8:
+                break
+        assert theirs == result.token_ids
+
+
+@pytest.mark.parametrize(("arch", "file_type"), [("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "Q8_0")])
+def test_llama_cpp_reads_our_quantized_file_as_transformers_does(arch: str, file_type: str,
+                                                                 tmp_path: Path) -> None:
+    """llama.cpp's logits on our Q8_0/Q4_0 file agree with transformers' (which dequantizes the
+    same blocks) within what llama.cpp's 8-bit activations cost on a tiny random model (it
+    multiplies Q8_0-quantized activations: ~1-2% of the largest logit here), and pick the same
+    top token wherever the top two are further apart than that."""
+    path = write_gguf(tiny_checkpoint(arch), tmp_path / "m.gguf", file_type)
+    llm = _llama_cpp(path, logits_all=True)
+    reference = _transformers(path)
+    compared = 0
+    for prompt in PROMPTS:
+        llm.reset()
+        llm.eval(prompt)
+        theirs = torch.tensor(np.array(llm.scores[: len(prompt)]))
+        ours = reference(torch.tensor([prompt])).logits[0].detach()
+        tolerance = 0.03 * ours.abs().max()  # 8-bit activations (a wrong row order: ~100%)
+        assert (theirs - ours).abs().max() < tolerance
+        top2 = ours.topk(2).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
+        assert torch.equal(theirs.argmax(-1)[clear], ours.argmax(-1)[clear])
+        compared += int(clear.sum())
+    assert compared >= 3
+
+
+def test_runtime_int_gemm_buffers_on_the_cpu(files) -> None:
+    """The GPU layout (zeros = -min / scale in the model dtype) on the CPU: Q4_0/Q8_0 are exact
+    (integer zeros); the float zeros of Q4_1/K-quants stay within float32 rounding."""
+    for layout, exact in (("Q4_0", True), ("Q8_0", True), ("Q4_1", False), ("Q4_K_M", False)):
+        path = files(layout)
+        ref, _ = load_gguf_model(path, torch.float32, "cpu", runtime="affine")
+        gpu, _ = load_gguf_model(path, torch.float32, "cpu", runtime="int_gemm")
+        for name, layer in gpu.named_modules():
+            if isinstance(getattr(layer, "quant_method", None), GGUFLinearMethod):
+                w = layer.quant_method.dequantize(layer)
+                r = ref.get_submodule(name).quant_method.dequantize(ref.get_submodule(name))
+                if exact:
+                    assert torch.equal(w, r), (layout, name)
+                else:
+                    assert (w - r).abs().max() <= 2e-6 * r.abs().max(), (layout, name)
+
+
+def test_a_constant_sub_block_is_dequantized_for_the_gpu_layout() -> None:
+    """A K-quant sub-block with scale 0 and a nonzero min is one constant value; (q - zero) *
+    scale cannot hold it, so the layer is dequantized once, still equal to gguf's values."""
+    from engine.layers.linear import Linear
+    from engine.quantization.base import TensorSet
+
+    rng = np.random.default_rng(3)
+    raw = random_k_blocks(Q.Q4_K, 8, 256, rng, 0.05)
+    raw[0, 4] &= 0xC0  # sub-block 0 of row 0: 6-bit scale 0
+    raw[0, 8] |= 0x01  # ... and a nonzero min
+    ga = to_group_affine(raw, Q.Q4_K, (8, 256), "w")
+    assert ga.scales[0, 0] == 0 and ga.mins[0, 0] != 0
+    layer = Linear(256, 8, quant_method=GGUFLinearMethod(int(Q.Q4_K), runtime="int_gemm"))
+    layer.quant_method.load(layer, TensorSet("w", {"q": ga.q, "scales": ga.scales, "mins": ga.mins}),
+                            torch.device("cpu"), torch.float32)
+    assert layer.quant_method.dense and not layer.quant_method.int_gemm
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, Q.Q4_K))
+    assert torch.equal(layer.quant_method.dequantize(layer).t(), reference)
+    x = torch.randn(2, 256)
+    assert torch.allclose(layer(x), x @ reference.t(), atol=1e-5)
