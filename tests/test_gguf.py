@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from engine.api import EngineConfig, SamplingParams
 from engine.gguf import is_gguf_path
-from engine.gguf.linear import GGUFLinearMethod, group_affine
+from engine.gguf.linear import GGUFLinearMethod
 from engine.gguf.load import load_gguf_model
 from engine.gguf.mapping import GGUFArchitectureError
 from engine.gguf.reader import GGUFCheckpoint
@@ -165,21 +165,33 @@ def test_qwen3_head_dim_comes_from_the_file(tmp_path: Path) -> None:
     assert GGUFCheckpoint(path).model_config().head_dim == 32
 
 
-def test_cpu_kernels_get_the_group_weights(files) -> None:
-    """The plug-in point for CPU kernels: (q, scales, mins, group) rebuild the layer's weight,
-    and a bound kernel replaces the reference forward."""
-    model, _ = load_gguf_model(files("Q4_1"), torch.float32, "cpu")
-    layer = model.model.layers[0].mlp.up_proj
-    gw = group_affine(layer)
-    n, k = gw.q.shape
-    w = (gw.q.float().view(n, k // gw.group, gw.group) * gw.scales[..., None] + gw.mins[..., None]).view(n, k)
-    assert torch.equal(w, layer.quant_method.dequantize(layer).t())
-    x = torch.randn(3, k)
-    assert torch.allclose(layer(x), x @ w.t(), atol=1e-5)
-    from engine.gguf.linear import bind_cpu_kernel
+def test_cpu_paths_are_bound_once_at_load(files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU no GGUF layer dequantizes its weight per call (engine.gguf.cpu): float32
+    loads dequantize once (exactly gguf's values); bfloat16 loads of 4-bit fields run
+    torch's int4 kernel on (q, scale, min) as stored; 8-bit fields dequantize once."""
+    from engine.gguf.linear import GGUFLinearMethod
 
-    bind_cpu_kernel(layer, lambda x: torch.full((x.shape[0], n), 7.0))
-    assert torch.equal(layer(x), torch.full((3, n), 7.0))
+    exact, _ = load_gguf_model(files("Q4_1"), torch.float32, "cpu")
+    up = exact.model.layers[0].mlp.up_proj
+    assert up.quant_method.dense and up.dense_weight.dtype == torch.float32
+    x = torch.randn(3, up.in_features)
+    assert torch.allclose(up(x), x @ up.quant_method.dequantize(up), atol=1e-5)
+    fast, _ = load_gguf_model(files("Q4_1"), torch.bfloat16, "cpu")
+    layer = fast.model.layers[0].mlp.up_proj
+    assert layer.quant_method.cpu_kernel is not None and not layer.quant_method.dense
+    weight = layer.quant_method.dequantize(layer)
+    assert torch.equal(weight, up.quant_method.dequantize(up))  # the same weights, kept exact
+
+    def no_per_call_dequantize(self, layer):  # type: ignore[no-untyped-def]
+        raise AssertionError("the whole weight was dequantized in a forward")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GGUFLinearMethod, "dequantize", no_per_call_dequantize)
+        y = layer(x.bfloat16()).float()
+    reference = x.bfloat16().float() @ weight
+    assert (y - reference).norm() / reference.norm() < 8e-3  # bf16 compute, as the int4 tests
+    eight_bit, _ = load_gguf_model(files("Q8_0"), torch.bfloat16, "cpu")
+    assert eight_bit.model.layers[0].mlp.up_proj.quant_method.dense
 
 
 def test_triton_int_gemm_in_interpreter(run_in_triton_interpreter) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
+from engine.gguf.cpu import bind_gguf_cpu
 from engine.gguf.linear import GGUFQuantConfig
 from engine.gguf.mapping import gguf_names, rotary_rows, unpermute_rows
 from engine.gguf.reader import GGUFCheckpoint, plain_values
@@ -113,6 +114,8 @@ def load_gguf_model(
         tensors = TensorSet(prefix, layer_tensors.pop(prefix))
         layer.quant_method.load(layer, tensors, device, dtype)
         tensors.finish()
+    if device.type == "cpu":
+        bind_gguf_cpu(quant_layers.values(), dtype)  # kernels or dense, once: engine.gguf.cpu
 
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
