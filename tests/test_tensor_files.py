@@ -56,7 +56,8 @@ def test_squeezellm_pt_state_dict_loads_like_safetensors(tmp_path: Path) -> None
     pt = as_state_dict(src, tmp_path / "pt", "sq-tiny-w4.pt")
     a, b = load(src), load(pt)
     buffers = dict(a.named_buffers())
-    assert buffers and any(n.endswith("lut") for n in buffers)
+    # on the CPU a lookup-table layer is dequantized once at load (engine.quantization.cpu_bind)
+    assert buffers and any(n.endswith(("lut", "dense_weight")) for n in buffers)
     for name, tensor in b.named_buffers():
         assert torch.equal(tensor, buffers[name]), name
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):

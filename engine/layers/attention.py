@@ -13,10 +13,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+import torch.nn.functional as F
 
 from deploy_kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
 
@@ -61,6 +62,15 @@ class AttentionMetadata:
     query_lens: list[int]  # host copies of the lengths
     seq_lens_list: list[int]
     decode_only: bool  # every query_len is 1
+    # Per-step CPU decode plans by sliding window: built by the first layer, shared by the rest.
+    _decode_plans: dict[int | None, DecodePlan | None] = field(default_factory=dict, repr=False)
+
+    def decode_plan(self, block_size: int, sliding_window: int | None) -> DecodePlan | None:
+        """The key slots and mask every layer's one-token queries read this step (None: not a
+        decode-only step with valid slots, so the reference path runs)."""
+        if sliding_window not in self._decode_plans:
+            self._decode_plans[sliding_window] = DecodePlan.build(self, block_size, sliding_window)
+        return self._decode_plans[sliding_window]
 
     @property
     def num_tokens(self) -> int:
@@ -112,6 +122,40 @@ class AttentionMetadata:
         )
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """What a decode step's attention reads, the same for every layer: ``slots [B * L]`` (the
+    flat cache slot of each sequence's key positions ``0..L-1``, padding on slot 0) and ``mask``
+    (``[B, 1, 1, L]`` bool, None when every key is visible). Built once per step instead of once
+    per layer: on the CPU each small op costs microseconds of dispatch."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor | None
+    num_keys: int  # L: the longest sequence (or window) this step
+
+    @classmethod
+    def build(
+        cls, meta: AttentionMetadata, block_size: int, sliding_window: int | None
+    ) -> DecodePlan | None:
+        if not meta.decode_only or not meta.seq_lens_list or min(meta.seq_lens_list) < 1:
+            return None
+        if bool((meta.slot_mapping < 0).any()):
+            return None  # "do not write" slots: the reference path handles them
+        device = meta.block_tables.device
+        lens = meta.seq_lens.long()[:, None]  # [B, 1]
+        start = torch.zeros_like(lens)
+        if sliding_window is not None:  # keys older than the window are never read
+            start = (lens - sliding_window).clamp(min=0)
+        num_keys = int((lens - start).max())
+        pos = start + torch.arange(num_keys, device=device)[None, :]  # [B, L] key positions
+        visible = pos < lens
+        pos = torch.where(visible, pos, 0)
+        blocks = meta.block_tables.long().gather(1, pos // block_size)
+        slots = (blocks * block_size + pos % block_size).reshape(-1)
+        mask = None if bool(visible.all()) else visible[:, None, None, :]
+        return cls(slots, mask, num_keys)
+
+
 @cache
 def _use_triton(device_type: str) -> bool:
     """Triton kernels on CUDA when triton is installed; logged once per device type."""
@@ -154,7 +198,12 @@ class Attention(torch.nn.Module):
             raise RuntimeError(f"layer {self.layer_idx} has no KV cache: call PagedKVCache.bind")
         if cache_.needs_calibration:
             cache_.calibrate(k, v)
-        attend = _attend_triton if _use_triton(q.device.type) else _attend_torch
+        if _use_triton(q.device.type):
+            attend = _attend_triton
+        elif meta.decode_only and cache_.k.dtype == q.dtype:  # not fp8: no dequantize on read
+            attend = _attend_torch_decode
+        else:
+            attend = _attend_torch
         out = attend(q, k, v, meta, cache_, self.scale, self.sliding_window)  # [T, Hq, D]
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, Hq * D]
 
@@ -173,6 +222,35 @@ def _attend_torch(
         q, cache_.k, cache_.v, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
         sliding_window, cache_.k_scale, cache_.v_scale,
     )
+
+
+def _attend_torch_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    cache_: LayerKVCache,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """A decode-only step on the CPU: ``paged_attention_ref``'s function with the step's slots
+    and mask built once (``DecodePlan``), keys gathered per token, not per block."""
+    plan = meta.decode_plan(cache_.k.shape[1], sliding_window)
+    if plan is None:
+        return _attend_torch(q, k, v, meta, cache_, scale, sliding_window)
+    b, num_kv_heads, head_dim = q.shape[0], k.shape[1], k.shape[2]
+    flat_k = cache_.k.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
+    flat_v = cache_.v.view(-1, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, meta.slot_mapping, k)
+    flat_v.index_copy_(0, meta.slot_mapping, v)
+    shape = (b, plan.num_keys, num_kv_heads, head_dim)
+    keys = flat_k.index_select(0, plan.slots).view(shape).transpose(1, 2)  # [B, Hkv, L, D]
+    values = flat_v.index_select(0, plan.slots).view(shape).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :], keys, values, attn_mask=plan.mask, scale=scale,
+        enable_gqa=q.shape[1] != num_kv_heads,
+    )  # [B, Hq, 1, D]
+    return o[:, :, 0, :]
 
 
 def _attend_triton(

@@ -39,23 +39,47 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [T, head_dim]`` of ``positions [T]``, computed in float32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """Computes ``cos, sin [T, head_dim]`` once per forward; the layers apply them to q and k."""
+    """Gives ``cos, sin [T, head_dim]`` once per forward; the layers apply them to q and k.
+
+    On the CPU, rows come from a table of positions ``0..n-1`` (grown by doubling, per dtype)
+    computed by ``cos_sin`` elementwise as a direct call would: the same values for one
+    gather instead of six ops per step (there a decode step pays for every op)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig) -> None:
         super().__init__()
         self.head_dim = head_dim
         # A plain attribute, not a buffer: it stays float32 and off the meta device.
         self.inv_freq = inv_frequencies(head_dim, rope)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        if positions.device.type != "cpu":  # a GPU computes it in a few async kernels
+            return cos_sin(positions, self.inv_freq, dtype)  # (no host read: CUDA graphs)
+        cos, sin = self._table(positions, dtype)
+        return cos.index_select(0, positions), sin.index_select(0, positions)
+
+    def _table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get(dtype)
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * table[0].shape[0] if table else 256)
+            rows = torch.arange(size, device=positions.device)
+            table = self._tables[dtype] = cos_sin(rows, self.inv_freq, dtype)
+        return table
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
