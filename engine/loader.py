@@ -197,16 +197,20 @@ def _check_names(
 
     missing = sorted(set(params) - set(tensor_files))
     unexpected = sorted(n for n in tensor_files if n not in params and not ignored(n))
+    problem = tensor_name_problem(missing, unexpected)
+    if problem:
+        raise ValueError(f"checkpoint {path} does not match its config ({config.architecture}, "
+                         f"{config.num_layers} layers): {problem}")
+
+
+def tensor_name_problem(missing: list[str], unexpected: list[str]) -> str | None:
+    """What a checkpoint lacks and holds beyond its config, listed briefly; None if nothing."""
     problems = []
     if missing:
         problems.append(f"missing tensors {_listed(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors {_listed(unexpected)}")
-    if problems:
-        raise ValueError(
-            f"checkpoint {path} does not match its config ({config.architecture}, "
-            f"{config.num_layers} layers): " + "; ".join(problems)
-        )
+    return "; ".join(problems) or None
 
 
 def _listed(names: list[str]) -> str:

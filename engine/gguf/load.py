@@ -22,6 +22,7 @@ from engine.gguf.mapping import gguf_names, rotary_rows, unpermute_rows
 from engine.gguf.reader import GGUFCheckpoint, plain_values
 from engine.gguf.types import GROUP_TYPES, PLAIN_TYPES, to_group_affine
 from engine.layers.linear import Linear
+from engine.loader import tensor_name_problem
 from engine.models import get_model_class
 from engine.quantization.base import TensorSet
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from engine.engine_builder import LoadedModel
 
 log = logging.getLogger(__name__)
-_MAX_LISTED = 10
 
 
 def load_gguf_for(config: EngineConfig) -> LoadedModel:
@@ -132,19 +132,10 @@ def _check_names(ck: GGUFCheckpoint, mapped: dict[str, str], config: ModelConfig
     used = set(mapped.values())
     tied_head = config.tie_word_embeddings and "output.weight" in ck.tensors
     unexpected = sorted(n for n in ck.tensors if n not in used and not (tied_head and n == "output.weight"))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors {_listed(unexpected)}")
-    if problems:
+    problem = tensor_name_problem(missing, unexpected)
+    if problem:
         raise ValueError(f"GGUF file {ck.path} does not match its config ({config.architecture}, "
-                         f"{config.num_layers} layers): " + "; ".join(problems))
-
-
-def _listed(names: list[str]) -> str:
-    more = len(names) - _MAX_LISTED
-    return f"[{', '.join(names[:_MAX_LISTED])}{f', ... {more} more' if more > 0 else ''}]"
+                         f"{config.num_layers} layers): {problem}")
 
 
 def _matrix_shape(ck: GGUFCheckpoint, name: str) -> tuple[int, int]:
