@@ -383,3 +383,33 @@ def test_a_constant_sub_block_is_dequantized_for_the_gpu_layout() -> None:
     assert torch.equal(layer.quant_method.dequantize(layer).t(), reference)
     x = torch.randn(2, 256)
     assert torch.allclose(layer(x), x @ reference.t(), atol=1e-5)
+
+
+# -- on a real GPU (bench/gpu_all.sh runs the gpu-marked tests; CI has no GPU) -----------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+                         ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 16])
+def test_gguf_layers_on_a_gpu(qtype: Q, m: int) -> None:
+    """A 7B-sized GGUF layer loaded for CUDA (Triton int_gemm, or dense for a constant
+    sub-block) against gguf's own dequantization, fp16."""
+    from engine.layers.linear import Linear
+    from engine.quantization.base import TensorSet
+
+    n, k = 4096, 4096
+    rng = np.random.default_rng(int(qtype) + m)
+    raw = (random_k_blocks(qtype, n, k, rng, 0.05) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else
+           gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.05, qtype))
+    ga = to_group_affine(raw, qtype, (n, k), "w")
+    layer = Linear(k, n, bias=False, quant_method=GGUFLinearMethod(int(qtype)))
+    layer.quant_method.load(layer, TensorSet("w", {"q": ga.q, "scales": ga.scales,
+                                                   "mins": ga.mins}),
+                            torch.device("cuda"), torch.float16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = torch.from_numpy(gguf.quants.dequantize(raw, qtype)).cuda().float()  # [N, K]
+    ref = x.float() @ w.t()
+    y = layer(x).float()
+    assert ((y - ref).norm() / ref.norm()).item() < 2e-3, qtype.name
