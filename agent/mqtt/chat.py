@@ -71,31 +71,20 @@ def shaped(shape: Shape | None, outcome: Outcome) -> str:
 
 class ChatDoor:
     def __init__(self, core: Conversation, topics: Topics, outbox: Outbox,
-                 max_payload_bytes: int, redelivery: bool = False,
-                 room_wait: float = 0.0) -> None:
+                 max_payload_bytes: int, redelivery: bool = False) -> None:
         self.core = core
         self.topics = topics
         self.outbox = outbox
         # The broker keeps an unacknowledged request for the next process (a persistent
         # session): what the core has not started when it stops is left to it.
         self.redelivery = redelivery
-        self.room_wait = room_wait
         self.parser = RequestParser(topics, max_payload_bytes, core.settings.token_limit)
 
     def handle_message(self, topic: str, payload: bytes, properties: Any = None,
                        ack: Ack = NO_ACK) -> None:
         """``properties``: an MQTT v5 request's (Response Topic, Correlation Data), or None.
         ``ack``: held by the turn if one is accepted (sent after its reply), else left to the
-        caller, who sends it once this returns (every other path has replied by then).
-
-        With the queue full, a QoS 1 request waits here, up to ``room_wait`` s, for room:
-        this blocks the MQTT thread, so the broker keeps the rest of a backlog. The Receive
-        Maximum should spare that, but Mosquitto 2.0 hands a resumed session's queued
-        requests over all at once (docs/RELIABILITY.md)."""
-        if ack is not NO_ACK and self.room_wait and not self.core.lanes.wait_for_room(
-                self.room_wait):
-            log.warning("queue still full after %g s: the request gets the overload reply",
-                        self.room_wait)
+        caller, who sends it once this returns (every other path has replied by then)."""
         project, owner = self.topics.project_of(topic), None
         if project is None:  # a client's own P/user_input/<owner> (agent.mqtt.owned)?
             project, owner = self.topics.owned_request(topic) or (None, None)

@@ -16,8 +16,8 @@ sends at most its limit of unacknowledged messages at a time, the rest wait at t
 broker (backpressure, not a flood of overload errors after an outage): on MQTT 5
 the Receive Maximum we send, ``--max_queue`` (what the agent holds); on 3.1.1
 Mosquitto's ``max_inflight_messages``. Mosquitto 2.0 does not always keep to it
-(a resumed session's backlog comes at once), so with its queue full the chat door
-also stops reading until there is room (agent.mqtt.chat). A request delivered
+(a resumed session's backlog comes at once), so with its queue full the MQTT door
+also stops reading requests until there is room (agent.mqtt.door). A request delivered
 again after a reconnect is served once (agent.mqtt.redelivery).
 """
 
