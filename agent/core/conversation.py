@@ -267,7 +267,7 @@ class Conversation:
 
     def _timeout(self, request: TurnRequest) -> float:
         """The request's own deadline (``timeoutS``), within ``request_timeout``."""
-        own = getattr(request, "timeout_s", None)
+        own = request.timeout_s
         limit = self.settings.request_timeout
         return limit if own is None else min(own, limit)
 
@@ -489,7 +489,7 @@ class Conversation:
             self.sessions.record(turn, history)
         outcome = Outcome(text, ok, turn.result)
         _safely(turn.deliver, outcome)
-        if ok and getattr(turn.request, "request_id", None):  # before on_sent goes: _repeat
+        if ok and turn.request.request_id:  # kept before on_sent goes: see _repeat
             self._answered.remember(_request_key(turn.request), outcome)
         for on_sent in self.lanes.take_on_sent(turn):
             on_sent()
