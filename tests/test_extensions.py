@@ -23,6 +23,7 @@ from engine import create_engine
 from engine.api import EngineConfig
 from projects import load_project
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
+from tests.agent_maker import started_agents
 from tests.checkpoints import tiny_checkpoint
 from tests.fake_engine import FakeEngine
 from tests.mqtt_broker import Broker, mosquitto_available
@@ -67,20 +68,9 @@ MakeAgent = Callable[..., Agent]
 
 @pytest.fixture
 def make_agent(broker: Broker) -> Iterator[MakeAgent]:
-    agents: list[Agent] = []
-
-    def make(protocol: str, engine: FakeEngine | None = None, **overrides: object) -> Agent:
-        config = AgentConfig(projects=("maze", "driving"), mqtt_broker=broker.host,
-                             mqtt_port=broker.port, mqtt_protocol=protocol, connect_timeout=5.0,
-                             **overrides)  # type: ignore[arg-type]
-        agent = Agent(config, engine or FakeEngine(), PROJECTS)
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
+    with started_agents(broker, specs=PROJECTS, projects=("maze", "driving")) as make:
+        yield lambda protocol, engine=None, **overrides: make(
+            engine, mqtt_protocol=protocol, **overrides)
 
 
 @pytest.fixture

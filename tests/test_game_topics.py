@@ -14,8 +14,8 @@ import pytest
 
 from agent.mqtt.legacy import RESET_REPLY
 from agent.service.app import Agent
-from agent.service.config import AgentConfig
 from tests.ack_counter import AckCounter, every_request_acked  # noqa: F401 (a fixture)
+from tests.agent_maker import started_agents
 from tests.fake_engine import FakeEngine
 from tests.maze_game import OPEN, SEALED, WALLED, check_hint, hint_of, make_maze, state
 from tests.mqtt_broker import Broker, mosquitto_available
@@ -32,19 +32,9 @@ NOT_JSON = "You can do it, follow the glowing path to the exit!"
 
 @pytest.fixture
 def make_agent(broker: Broker) -> Iterator[Callable[..., Agent]]:
-    agents: list[Agent] = []
-
-    def make(engine: object = None, **overrides: object) -> Agent:
-        settings: dict = {"projects": ("maze", "driving", "general"), "mqtt_broker": broker.host,
-                          "mqtt_port": broker.port, "connect_timeout": 5.0, **overrides}
-        agent = Agent(AgentConfig(**settings), engine or FakeEngine(reply=lambda p, r: NOT_JSON))
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
+    with started_agents(broker, lambda: FakeEngine(reply=lambda p, r: NOT_JSON),
+                        projects=("maze", "driving", "general")) as make:
+        yield make
 
 
 class MazeGame:

@@ -26,6 +26,7 @@ from agent.service.app import Agent
 from agent.service.config import AgentConfig
 from agent.service.settings import parse_settings
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
+from tests.agent_maker import started_agents
 from tests.fake_engine import FakeEngine, echo
 from tests.mqtt_broker import Broker, mosquitto_available
 from tests.old_client import OldClient
@@ -51,19 +52,8 @@ def tagged(prompt: str, request: object) -> str:
 
 @pytest.fixture
 def make_agent(broker: Broker) -> Iterator[Callable[..., Agent]]:
-    agents: list[Agent] = []
-
-    def make(engine: FakeEngine | None = None, **overrides: object) -> Agent:
-        settings: dict = {"projects": ("maze", "driving", "general"), "mqtt_broker": broker.host,
-                          "mqtt_port": broker.port, "connect_timeout": 5.0, **overrides}
-        agent = Agent(AgentConfig(**settings), engine or FakeEngine())
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
+    with started_agents(broker, projects=("maze", "driving", "general")) as make:
+        yield make
 
 
 # ---- 13: the legacy topics ----

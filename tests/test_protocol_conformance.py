@@ -26,6 +26,7 @@ from agent.service.config import AgentConfig
 from agent.service.settings import parse_settings
 from projects.maze_rules import DEFAULT_MAX_BREAKS, build_hint, parse_state
 from tests.ack_counter import every_request_acked  # noqa: F401 (a fixture)
+from tests.agent_maker import started_agents
 from tests.chat_rig import ChatRig
 from tests.fake_engine import FakeEngine
 from tests.game_harness import Game, system_prompt
@@ -91,20 +92,9 @@ MakeAgent = Callable[..., Agent]
 @pytest.fixture
 def make_agent(broker: Broker) -> Iterator[MakeAgent]:
     """Started agents on the module's broker, each with its own MQTT session."""
-    agents: list[Agent] = []
-
-    def make(engine: FakeEngine | None = None, **overrides: object) -> Agent:
-        settings: dict = {"projects": WIRE_PROJECTS, "mqtt_broker": broker.host,
-                          "mqtt_port": broker.port, "connect_timeout": 5.0, "stats_interval": 0,
-                          "agent_id": f"conformance-{secrets.token_hex(3)}", **overrides}
-        agent = Agent(AgentConfig(**settings), engine or FakeEngine())
-        agents.append(agent)
-        agent.start()
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
+    with started_agents(broker, projects=WIRE_PROJECTS, stats_interval=0,
+                        agent_id=f"conformance-{secrets.token_hex(3)}") as make:
+        yield make
 
 
 MakeRouter = Callable[..., tuple[ChatRig, FakeEngine, Replies]]
