@@ -130,17 +130,22 @@ def test_loaded_weights_equal_transformers_dequantization(layout: str, files) ->
         assert torch.equal(param, reference[name]), name
 
 
-@pytest.mark.parametrize("layout", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"])
-def test_greedy_tokens_equal_transformers_on_the_same_gguf(layout: str, files) -> None:
+def _our_greedy(path: Path, tokens: int, **config: int) -> list:
+    """Our engine's greedy results for PROMPTS on the model at ``path``, on the CPU."""
     from engine import create_engine
 
-    path = files(layout)
-    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", num_kv_blocks=64,
-                                        max_model_len=256))
+    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", **config))
     try:
-        results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        return engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=tokens,
+                                                       ignore_eos=True))
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_greedy_tokens_equal_transformers_on_the_same_gguf(layout: str, files) -> None:
+    path = files(layout)
+    results = _our_greedy(path, 12, num_kv_blocks=64, max_model_len=256)
     reference = _transformers(path)
     for prompt, result in zip(PROMPTS, results, strict=True):
         ids = torch.tensor([prompt])
@@ -302,15 +307,8 @@ def test_llama_cpp_generates_our_greedy_tokens_on_our_file(tmp_path: Path) -> No
     """llama.cpp (llama-cpp-python, built from source) loads the F32 file we wrote and picks
     the same greedy tokens as our engine on it: names, Q/K row order, hyperparameters and
     the tokenizer table are what llama.cpp expects."""
-    from engine import create_engine
-
     path = write_gguf(tiny_checkpoint("llama"), tmp_path / "m.gguf", "F32")
-    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", num_kv_blocks=32,
-                                        max_model_len=128))
-    try:
-        ours = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    finally:
-        engine.shutdown()
+    ours = _our_greedy(path, 8, num_kv_blocks=32, max_model_len=128)
     llm = _llama_cpp(path)
     for prompt, result in zip(PROMPTS, ours, strict=True):
         theirs = []
