@@ -25,7 +25,12 @@ import torch
 from engine.gguf.linear import GGUFLinearMethod, bind_cpu_kernel, group_affine
 from engine.gguf.types import type_name
 from engine.host_memory import available_bytes
-from engine.quantization.cpu_kernels import bind_int4_cpu, int4_kernel_group, log_cpu_once
+from engine.quantization.cpu_kernels import (
+    bind_int4_cpu,
+    dense_cpu_weight,
+    int4_kernel_group,
+    log_cpu_once,
+)
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
@@ -81,6 +86,5 @@ def _dequantize_once(layer: Linear, dtype: torch.dtype) -> None:
     for name in ("qweight", "scales", "mins"):
         if name in layer._buffers:
             delattr(layer, name)
-    # a view of [N, K] contiguous: the layout a plain layer's matmul reads
-    layer.register_buffer("dense_weight", weight.t().contiguous().to(dtype).t())
+    layer.register_buffer("dense_weight", dense_cpu_weight(weight, dtype))
     method.dense = True

@@ -24,7 +24,12 @@ import torch
 
 from deploy_kernels.int_gemm_ref import unpack_along_k
 from deploy_kernels.log_once import log_once
-from engine.quantization.cpu_kernels import int4_kernel_group, pack_int4_cpu, pack_int8_cpu
+from engine.quantization.cpu_kernels import (
+    dense_cpu_weight,
+    int4_kernel_group,
+    pack_int4_cpu,
+    pack_int8_cpu,
+)
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear
@@ -91,7 +96,7 @@ def _bind_dense(method: PackedLinearMethod, layer: Linear, dtype: torch.dtype) -
     _drop_packed(layer)
     if "perm" in layer._buffers:
         delattr(layer, "perm")
-    layer.register_buffer("dense_weight", w.t().contiguous().to(dtype).t())
+    layer.register_buffer("dense_weight", dense_cpu_weight(w, dtype))
     method.cpu_kind = "dense"
 
 

@@ -46,6 +46,12 @@ def log_cpu_once(kind: str, message: str, *args: object) -> None:
     log_once(log, f"cpu-kernel-{kind}", message, *args)
 
 
+def dense_cpu_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight [K, N]`` (``y = x W``) as a layer without a CPU kernel keeps it, dequantized
+    once at load: a view of ``[N, K]`` contiguous, the layout a plain layer's matmul reads."""
+    return weight.t().contiguous().to(dtype).t()
+
+
 # ----------------------------------------------------------------------------- int4
 
 
