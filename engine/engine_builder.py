@@ -16,6 +16,7 @@ from engine.api import EngineConfig
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
+from engine.layers.cpu_fusion import fuse_cpu_projections
 from engine.layers.cpu_linear import pack_cpu_linears
 from engine.memory import MemoryPlan
 from engine.model_runner import ModelRunner
@@ -99,6 +100,7 @@ def build_core(
     max_model_len = resolve_max_model_len(config, model)
     vocab_size = int(model.config.vocab_size)
     if device.type == "cpu":  # before the plan: a tied head's packed copy takes memory
+        fuse_cpu_projections(model, dtype)
         pack_cpu_linears(model)
     memory_plan = plan_kv_cache(model, config, device, dtype, max_model_len)
     kv_cache = allocate_kv_cache(model, memory_plan, config, device, dtype, kv_scales)

@@ -34,6 +34,7 @@ from engine.api import (
 )
 from engine.engine_builder import build_core, load_model_for
 from engine.engine_stats import EngineStats
+from engine.openmp_pool import release_calling_thread_pool
 from engine.request_tracker import RequestTracker, call_safely
 from engine.tokenizer import Tokenizer
 from engine.validation import check_supported, empty_result
@@ -93,6 +94,8 @@ class LLMEngine:
     # -- public interface (any thread) -------------------------------------------------------
 
     def start(self) -> None:
+        """Start the loop thread (once). The caller's OpenMP team is ended here: the loop's
+        team must be the only one for decode to run at full speed (``engine.openmp_pool``)."""
         with self._lock:
             if self._closed:
                 raise EngineError("the engine is shut down")
@@ -100,6 +103,7 @@ class LLMEngine:
                 self._heartbeat = time.monotonic()
                 self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
                 self._thread.start()
+        release_calling_thread_pool()
 
     def submit(self, request: GenerationRequest) -> None:
         with self._lock:
@@ -186,12 +190,17 @@ class LLMEngine:
     def _loop(self) -> None:
         log.debug("engine loop started")
         stop = False
+        team_idle = True  # no step since this thread's OpenMP team was last released
         while not stop:
             self._heartbeat = time.monotonic()
             try:
-                stop = self._drain_inbox(block=not self.scheduler.has_unfinished())
+                busy = self.scheduler.has_unfinished()
+                if not busy and not team_idle:  # idle: leave the cores to other teams
+                    team_idle = release_calling_thread_pool() or True
+                stop = self._drain_inbox(block=not busy)
                 if not stop and self.scheduler.has_unfinished():
                     self._step()
+                    team_idle = False
             except Exception:  # a bug; keep serving the other requests
                 log.exception("engine loop iteration failed")
         self._requests.cancel_all()

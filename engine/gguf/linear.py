@@ -29,6 +29,7 @@ from engine.gguf.types import GROUP_TYPES, type_name
 from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 
 if TYPE_CHECKING:
+    from engine.layers.cpu_fusion import CpuOperands
     from engine.layers.linear import Linear
 
 CpuKernel = Callable[[torch.Tensor], torch.Tensor]  # x [M, K] -> y [M, N] (bias included)
@@ -128,6 +129,17 @@ class GGUFLinearMethod(QuantLinearMethod):
                 y = y + layer.bias.float()
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], layer.out_features)
+
+    def cpu_operands(self, layer: Linear) -> CpuOperands | None:
+        """The weights a fused CPU layer concatenates (``engine.layers.cpu_fusion``)."""
+        from engine.layers.cpu_fusion import DenseOperands, Int4Operands
+
+        if self.dense and layer.dense_weight.device.type == "cpu":
+            return DenseOperands(layer.dense_weight.t(), layer.bias)
+        weights = getattr(self.cpu_kernel, "weights", None)  # bind_int4_cpu's packed weights
+        if weights is None:
+            return None
+        return Int4Operands(weights.qweight, weights.scales_and_zeros, weights.group, layer.bias)
 
     @torch.no_grad()
     def dequantize(self, layer: Linear) -> torch.Tensor:

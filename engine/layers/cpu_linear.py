@@ -40,6 +40,9 @@ class PackedCpuLinearMethod(UnquantizedLinearMethod):
     def create_weights(self, layer: Linear) -> None:
         raise TypeError("a packed layer is made from a loaded one by pack_cpu_linears")
 
+    def cpu_operands(self, layer: Linear) -> None:
+        return None  # packed after fusion: its plain weight is gone
+
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [T, in]
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed, layer.bias, "none", [], "")

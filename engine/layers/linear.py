@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from engine.layers.cpu_fusion import DenseOperands
     from engine.quantization.base import QuantConfig
 
 
@@ -36,6 +37,14 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def cpu_operands(self, layer: Linear) -> DenseOperands | None:
+        """The weights a fused CPU layer concatenates (``engine.layers.cpu_fusion``)."""
+        from engine.layers.cpu_fusion import DenseOperands
+
+        if layer.weight.device.type != "cpu":
+            return None
+        return DenseOperands(layer.weight.data, None if layer.bias is None else layer.bias.data)
 
 
 class Linear(torch.nn.Module):

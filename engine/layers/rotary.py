@@ -86,3 +86,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """``x [T, H, D]`` rotated by ``cos, sin [T, D]``."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     return x * cos + rotate_half(x) * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin [T, D]`` with its first half negated, for ``apply_rotary_rolled``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` in four ops instead of eight, bit-identical: ``rotate_half(x) * sin``
+    is ``roll(x, D/2) * signed_sin(sin)`` (a negated product equals the product of a
+    negated factor). ``x [T, H, D]`` may be a strided view (q and k of a fused projection)."""
+    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed[:, None, :]

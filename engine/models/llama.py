@@ -18,13 +18,16 @@ from engine.config import ModelConfig
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
-from engine.layers.linear import make_linear
+from engine.layers.linear import Linear, make_linear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_rolled, signed_sin
 from engine.quantization.base import QuantConfig
 
 
 class LlamaAttention(torch.nn.Module):
+    # fused on the CPU at load (engine.layers.cpu_fusion); None until then
+    FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
     def __init__(self, config: ModelConfig, layer_idx: int, quant: QuantConfig | None, prefix: str) -> None:
         super().__init__()
         c = config
@@ -33,6 +36,8 @@ class LlamaAttention(torch.nn.Module):
         self.q_proj = make_linear(c.hidden_size, q_out, bias, quant, f"{prefix}.q_proj")
         self.k_proj = make_linear(c.hidden_size, kv_out, bias, quant, f"{prefix}.k_proj")
         self.v_proj = make_linear(c.hidden_size, kv_out, bias, quant, f"{prefix}.v_proj")
+        self.qkv_proj: Linear | None = None
+        self.qkv_sizes = (q_out, kv_out, kv_out)
         self.o_proj = make_linear(q_out, c.hidden_size, False, quant, f"{prefix}.o_proj")
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -48,12 +53,24 @@ class LlamaAttention(torch.nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata,
+        sin_signed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None and not self.qk_norm and sin_signed is not None:
+            # fused on the CPU: q and k are adjacent heads of one output, rotated in one go
+            qkv = self.qkv_proj(x).view(t, -1, self.head_dim)  # [T, Hq + 2 Hkv, D]
+            qk = apply_rotary_rolled(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin_signed)
+            q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+            v = qkv[:, self.num_heads + self.num_kv_heads :]
+            return self.o_proj(self.attn(q, k, v, ctx))
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # Qwen3: per-head RMSNorm before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -61,15 +78,22 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
+    FUSED_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj")}  # as LlamaAttention's
+
     def __init__(self, config: ModelConfig, quant: QuantConfig | None, prefix: str) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = make_linear(h, i, bias, quant, f"{prefix}.gate_proj")
         self.up_proj = make_linear(h, i, bias, quant, f"{prefix}.up_proj")
         self.down_proj = make_linear(i, h, bias, quant, f"{prefix}.down_proj")
+        self.gate_up_proj: Linear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_and_mul(gate, up))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -82,9 +106,10 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.mlp = LlamaMLP(config, quant, f"{prefix}.mlp")
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionMetadata,
+        sin_signed: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, sin_signed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,8 +128,9 @@ class LlamaModel(torch.nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(positions, x.dtype)  # [T, head_dim] each
+        sin_signed = signed_sin(sin) if x.device.type == "cpu" else None  # for fused q/k
         for layer in self.layers:
-            x = layer(x, cos, sin, ctx)
+            x = layer(x, cos, sin, ctx, sin_signed)
         return self.norm(x)
 
 

@@ -39,6 +39,7 @@ KERNEL_DTYPE = torch.bfloat16  # the only activation dtype with a fast kernel
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs 16 output channels together
 INT4_MID = 8  # the kernel subtracts 8 from every 4-bit value
+INT4_PACK_ROWS = 64  # the packed layout interleaves blocks of this many output channels
 
 
 def log_cpu_once(kind: str, message: str, *args: object) -> None:
@@ -121,10 +122,12 @@ def int4_mm_cpu(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ W [K, N] (+ bias)`` on the packed weight, returned in ``x.dtype``."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(KERNEL_DTYPE).contiguous(), qweight, group, scales_and_zeros
-    )
-    y = y.to(x.dtype)
+    if x.dtype == KERNEL_DTYPE and x.is_contiguous():  # the serving case: no casts to dispatch
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group, scales_and_zeros)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(KERNEL_DTYPE).contiguous(), qweight, group, scales_and_zeros
+        ).to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
 
 

@@ -22,6 +22,7 @@ from deploy_kernels.lut_gemm_ref import dequantize_lut, lut_gemm_ref
 from engine.quantization.base import QuantConfig, QuantFormatError, QuantLinearMethod, TensorSet
 
 if TYPE_CHECKING:
+    from engine.layers.cpu_fusion import CpuOperands
     from engine.layers.linear import Linear
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -170,6 +171,19 @@ class PackedLinearMethod(QuantLinearMethod):
                 layer.bias,
             )
         return y.reshape(*shape[:-1], layer.out_features)
+
+    def cpu_operands(self, layer: Linear) -> CpuOperands | None:
+        """The weights a fused CPU layer concatenates (``engine.layers.cpu_fusion``): int4
+        kernel weights or a dense weight, not permuted input channels."""
+        from engine.layers.cpu_fusion import DenseOperands, Int4Operands
+
+        if getattr(layer, "perm", None) is not None:
+            return None
+        if self.cpu_kind == "int4":
+            return Int4Operands(layer.cpu_qweight, layer.cpu_scales_zeros, self.cpu_group, layer.bias)
+        if self.cpu_kind == "dense":
+            return DenseOperands(layer.dense_weight.t(), layer.bias)
+        return None
 
     def _cpu_kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         from engine.quantization.cpu_kernels import int4_mm_cpu, int8_mm_cpu
