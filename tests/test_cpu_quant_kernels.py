@@ -26,8 +26,10 @@ from engine.quantization.cpu_kernels import (
     bind_int4_cpu,
     int4_kernel_group,
     int8_mm_cpu,
+    int8_pair_mm_cpu,
     pack_int4_cpu,
     pack_int8_cpu,
+    pack_int8_pair_cpu,
     unpack_int4_cpu,
 )
 from engine.quantization.gptq import GPTQConfig
@@ -127,7 +129,9 @@ INT4_CASES = {  # name -> (builder, kind the CPU binds)
     "gptq-2bit": (lambda d: gptq_layer(256, 64, 2, 64, False, False, d, seed=7), "int4"),
     "gptq-8bit-sym-one-group": (lambda d: gptq_layer(256, 64, 8, -1, True, False, d, seed=8), "int8"),
     "gptq-8bit-asym-one-group": (lambda d: gptq_layer(256, 64, 8, -1, False, False, d, seed=9), "int8"),
-    "gptq-8bit-act-order-grouped": (lambda d: gptq_layer(256, 64, 8, 64, True, True, d, seed=10), "dense"),
+    "gptq-8bit-act-order-grouped": (lambda d: gptq_layer(256, 64, 8, 64, True, True, d, seed=10), "int8_pair"),
+    "gptq-8bit-asym-g32": (lambda d: gptq_layer(256, 64, 8, 32, False, False, d, seed=13), "int8_pair"),
+    "gptq-8bit-g16": (lambda d: gptq_layer(256, 64, 8, 16, False, False, d, seed=14), "dense"),
     "gptq-4bit-g48": (lambda d: gptq_layer(192, 64, 4, 48, False, False, d, seed=11), "dense"),
     "awq-n-not-16": (lambda d: awq_layer(128, 24, 32, d, seed=12), "dense"),
 }
@@ -162,7 +166,8 @@ def test_float32_layers_are_exact_and_dequantized_once(case: str) -> None:
         assert rel_err(y, ref) < FP32_TOL
 
 
-@pytest.mark.parametrize("case", ["awq-g32", "gptq-4bit-act-order-bias", "gptq-8bit-asym-one-group"])
+@pytest.mark.parametrize("case", ["awq-g32", "gptq-4bit-act-order-bias", "gptq-8bit-asym-one-group",
+                                  "gptq-8bit-act-order-grouped", "gptq-8bit-asym-g32"])
 @torch.inference_mode()
 def test_dequantize_reads_the_bound_buffers(case: str) -> None:
     """``dequantize`` of a layer bound to a CPU kernel gives its runtime weight, in the
@@ -232,6 +237,31 @@ def test_int8_pack_and_mm() -> None:
     w = (q.float() - zeros) * packed.scales.float()
     assert rel_err(int8_mm_cpu(x, packed.qweight, packed.scales, packed.offsets), x.float() @ w) < BF16_TOL
     assert pack_int8_cpu(q, scales, torch.full((n,), 128.0)).offsets is None  # symmetric
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_int8_pair_pack_and_mm(m: int) -> None:
+    """A scale per group of 8-bit values (GGUF Q8_0's form, float mins) through two int4
+    products, one per nibble: the exact weight up to bf16 rounding, no large cancelling terms."""
+    gen = torch.Generator().manual_seed(3 + m)
+    k, n, group = 256, 96, 32
+    q = torch.randint(0, 256, (k, n), generator=gen)
+    scales = torch.rand(k // group, n, generator=gen) * 0.01 + 0.001
+    mins = -128 * scales + torch.randn(k // group, n, generator=gen) * 0.01
+    idx = torch.arange(k) // group
+    w = q.float() * scales[idx] + mins[idx]
+    pair = pack_int8_pair_cpu(q, scales, mins, group)
+    halves = [unpack_int4_cpu(h.qweight, h.scales_and_zeros, h.group) for h in (pair.high, pair.low)]
+    assert rel_err(halves[0] + halves[1], w) < 2**-8
+    assert halves[1].abs().max() <= 8 * scales.max() * 1.01  # the low half stays small
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    bias = torch.randn(n, generator=gen)
+    y = int8_pair_mm_cpu(x, pair, bias)
+    assert y.dtype == torch.bfloat16 and rel_err(y, x.float() @ w + bias) < BF16_TOL
+    with pytest.raises(ValueError, match="0..255"):
+        pack_int8_pair_cpu(q + 1, scales, mins, group)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        pack_int8_pair_cpu(q, torch.ones(k // 16, n), torch.zeros(k // 16, n), 16)
 
 
 def test_kernel_shape_rules_and_bad_input() -> None:

@@ -173,7 +173,8 @@ def test_qwen3_head_dim_comes_from_the_file(tmp_path: Path) -> None:
 def test_cpu_paths_are_bound_once_at_load(files, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU no GGUF layer dequantizes its weight per call (engine.gguf.cpu): float32
     loads dequantize once (exactly gguf's values); bfloat16 loads of 4-bit fields run
-    torch's int4 kernel on (q, scale, min) as stored; 8-bit fields dequantize once."""
+    torch's int4 kernel on (q, scale, min) as stored, 8-bit fields (Q8_0) the same kernel on
+    their two nibbles; the kernel's buffers replace the group-affine ones."""
     from engine.gguf.linear import GGUFLinearMethod
 
     exact, _ = load_gguf_model(files("Q4_1"), torch.float32, "cpu")
@@ -184,8 +185,10 @@ def test_cpu_paths_are_bound_once_at_load(files, monkeypatch: pytest.MonkeyPatch
     fast, _ = load_gguf_model(files("Q4_1"), torch.bfloat16, "cpu")
     layer = fast.model.layers[0].mlp.up_proj
     assert layer.quant_method.cpu_kernel is not None and not layer.quant_method.dense
-    weight = layer.quant_method.dequantize(layer)
-    assert torch.equal(weight, up.quant_method.dequantize(up))  # the same weights, kept exact
+    assert not hasattr(layer, "qweight") and layer.cpu_qweight_0.dtype == torch.uint8  # held once
+    weight = layer.quant_method.dequantize(layer)  # as the kernel holds them: bf16 scales
+    exact_weight = up.quant_method.dequantize(up)
+    assert (weight - exact_weight).abs().max() <= 2**-8 * exact_weight.abs().max()
 
     def no_per_call_dequantize(self, layer):  # type: ignore[no-untyped-def]
         raise AssertionError("the whole weight was dequantized in a forward")
@@ -196,7 +199,33 @@ def test_cpu_paths_are_bound_once_at_load(files, monkeypatch: pytest.MonkeyPatch
     reference = x.bfloat16().float() @ weight
     assert (y - reference).norm() / reference.norm() < 8e-3  # bf16 compute, as the int4 tests
     eight_bit, _ = load_gguf_model(files("Q8_0"), torch.bfloat16, "cpu")
-    assert eight_bit.model.layers[0].mlp.up_proj.quant_method.dense
+    exact8, _ = load_gguf_model(files("Q8_0"), torch.float32, "cpu")
+    pair, dense = eight_bit.model.layers[0].mlp.up_proj, exact8.model.layers[0].mlp.up_proj
+    assert pair.quant_method.cpu_kernel.pair is not None and not pair.quant_method.dense
+    reference = x.bfloat16().float() @ dense.quant_method.dequantize(dense)
+    y = pair(x.bfloat16()).float()
+    assert (y - reference).norm() / reference.norm() < 8e-3
+
+
+@torch.inference_mode()
+def test_a_tied_head_multiplies_the_embedding_blocks_on_a_half_precision_cpu(files) -> None:
+    """qwen2's head is tied to a Q8_0 token embedding: served in bf16 on the CPU it reads the
+    embedding's blocks (two int4 products) for a few rows and the dequantized table for more;
+    float32 keeps the plain tie, exactly gguf's values."""
+    from engine.gguf.cpu import PAIR_MAX_ROWS
+
+    exact, _ = load_gguf_model(files("Q4_0"), torch.float32, "cpu")
+    assert exact.config.tie_word_embeddings and exact.lm_head.weight is exact.model.embed_tokens.weight
+    fast, quant = load_gguf_model(files("Q4_0"), torch.bfloat16, "cpu")
+    head = fast.lm_head
+    assert quant is not None and "lm_head" in quant.layer_types and head.quantized
+    assert head.quant_method.cpu_kernel.pair is not None and not hasattr(head, "weight")
+    table = exact.model.embed_tokens.weight  # [vocab, hidden] float32
+    for rows in (1, PAIR_MAX_ROWS, PAIR_MAX_ROWS + 4):
+        x = torch.randn(rows, table.shape[1]).bfloat16()
+        reference = x.float() @ table.t()
+        y = fast.compute_logits(x)
+        assert y.dtype == torch.float32 and (y - reference).norm() / reference.norm() < 8e-3
 
 
 def test_triton_int_gemm_in_interpreter(run_in_triton_interpreter) -> None:

@@ -147,6 +147,11 @@ class GGUFLinearMethod(QuantLinearMethod):
         k = layer.in_features
         if self.dense:
             return layer.dense_weight.float()
+        halves = _kernel_halves(self.cpu_kernel)
+        if halves:
+            from engine.quantization.cpu_kernels import unpack_int4_cpu
+
+            return sum(unpack_int4_cpu(w.qweight, w.scales_and_zeros, w.group) for w in halves)
         q = unpack_along_k(layer.qweight, self.runtime_bits, k).float()
         group = torch.arange(k, device=q.device) // self.group
         if self.int_gemm:
@@ -179,7 +184,27 @@ def group_affine(layer: Linear) -> GroupWeights:
 
 def bind_cpu_kernel(layer: Linear, kernel: CpuKernel) -> None:
     """Use ``kernel(x [M, K]) -> y [M, N]`` (bias included) for this layer on the CPU instead
-    of the reference forward."""
+    of the reference forward. A kernel with packed ``weights`` (int4) or a ``pair`` (8-bit
+    as two int4) replaces the group-affine buffers: they become its tensors, so the layer
+    holds its weights once, and ``dequantize`` reads them back (as the kernel computes)."""
     if not isinstance(layer.quant_method, GGUFLinearMethod):
         raise ValueError("bind_cpu_kernel takes a GGUF layer")
     layer.quant_method.cpu_kernel = kernel
+    halves = _kernel_halves(kernel)
+    if not halves:
+        return
+    for name in ("qweight", "scales", "mins"):
+        if name in layer._buffers:
+            delattr(layer, name)
+    for i, weights in enumerate(halves):
+        layer.register_buffer(f"cpu_qweight_{i}", weights.qweight, persistent=False)
+        layer.register_buffer(f"cpu_scales_zeros_{i}", weights.scales_and_zeros, persistent=False)
+
+
+def _kernel_halves(kernel: CpuKernel | None) -> list[Any]:
+    """The int4 kernel weights a bound CPU kernel multiplies by (summed), if it says."""
+    pair = getattr(kernel, "pair", None)
+    if pair is not None:
+        return [pair.high, pair.low]
+    weights = getattr(kernel, "weights", None)
+    return [] if weights is None else [weights]

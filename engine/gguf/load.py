@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig
-from engine.gguf.cpu import bind_gguf_cpu
+from engine.gguf.cpu import bind_gguf_cpu, bind_tied_head_cpu
 from engine.gguf.linear import GGUFQuantConfig
 from engine.gguf.mapping import gguf_names, rotary_rows, unpermute_rows
 from engine.gguf.reader import GGUFCheckpoint, plain_values
@@ -54,18 +54,38 @@ def load_gguf_for(config: EngineConfig) -> LoadedModel:
     return LoadedModel(tokenizer, model, device, dtype, None, quant.describe() if quant else "none")
 
 
-def gguf_quant_config(ck: GGUFCheckpoint, config: ModelConfig, runtime: str = "auto") -> GGUFQuantConfig | None:
-    """The linear layers whose GGUF weight is block-quantized, by our layer name."""
+def gguf_quant_config(ck: GGUFCheckpoint, config: ModelConfig, runtime: str = "auto",
+                      quantized_tied_head: bool = False) -> GGUFQuantConfig | None:
+    """The linear layers whose GGUF weight is block-quantized, by our layer name.
+    ``quantized_tied_head``: a head tied to a block-quantized token embedding is one of them
+    too (it multiplies the embedding's blocks; the embedding keeps its dequantized table)."""
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, None)
     linears = [n for n, m in model.named_modules() if isinstance(m, Linear)]
-    mapped = gguf_names(ck.architecture, [f"{n}.weight" for n in linears], config.num_layers)
+    mapped = _layer_names(ck, config, [f"{n}.weight" for n in linears], quantized_tied_head)
     types = {
         n: ck.tensor_type(mapped[f"{n}.weight"])
         for n in linears
         if mapped[f"{n}.weight"] in ck.tensors and ck.tensor_type(mapped[f"{n}.weight"]) in GROUP_TYPES
     }
     return GGUFQuantConfig(types, runtime) if types else None
+
+
+def _layer_names(ck: GGUFCheckpoint, config: ModelConfig, names: list[str], tied_head: bool) -> dict[str, str]:
+    """``gguf_names``, with a tied head read from the token embedding when ``tied_head``."""
+    mapped = gguf_names(ck.architecture, names, config.num_layers)
+    head = mapped.get("lm_head.weight")
+    if tied_head and config.tie_word_embeddings and head is not None and head not in ck.tensors:
+        mapped["lm_head.weight"] = gguf_names(ck.architecture, ["model.embed_tokens.weight"],
+                                              config.num_layers)["model.embed_tokens.weight"]
+    return mapped
+
+
+def _quantizes_tied_head(device: torch.device, dtype: torch.dtype) -> bool:
+    """A CPU serving in half precision multiplies a block-quantized tied head as blocks
+    (int4 kernels read a third to a half of the bf16 table's bytes); elsewhere the head
+    stays tied to the dequantized embedding (float32: exact; GPU: as the loader tests)."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
 def load_gguf_model(
@@ -81,7 +101,8 @@ def load_gguf_model(
     ck = ck if isinstance(ck, GGUFCheckpoint) else GGUFCheckpoint(ck)
     device = torch.device(device)
     config = config or ck.model_config()
-    quant = gguf_quant_config(ck, config, runtime)
+    tied_head = _quantizes_tied_head(device, dtype)
+    quant = gguf_quant_config(ck, config, runtime, tied_head)
     with torch.device("meta"):
         model = get_model_class(config.architecture)(config, quant)
     params = dict(model.named_parameters())
@@ -89,7 +110,7 @@ def load_gguf_model(
     wanted = list(params)
     for prefix, layer in quant_layers.items():
         wanted += [f"{prefix}.weight"] + ([f"{prefix}.bias"] if layer.has_bias else [])
-    mapped = gguf_names(ck.architecture, wanted, config.num_layers)
+    mapped = _layer_names(ck, config, wanted, tied_head and "lm_head" in quant_layers)
     _check_names(ck, mapped, config)
 
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {p: {} for p in quant_layers}
@@ -116,6 +137,8 @@ def load_gguf_model(
         tensors.finish()
     if device.type == "cpu":
         bind_gguf_cpu(quant_layers.values(), dtype)  # kernels or dense, once: engine.gguf.cpu
+        if "lm_head" in quant_layers and config.tie_word_embeddings:
+            bind_tied_head_cpu(quant_layers["lm_head"], model.model.embed_tokens.weight)
 
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

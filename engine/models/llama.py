@@ -148,8 +148,8 @@ class LlamaForCausalLM(torch.nn.Module):
     def tie_weights(self) -> None:
         """Share the embedding table with the output projection when the config says so;
         the loader calls it again after it assigns the loaded tensors."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.config.tie_word_embeddings and not self.lm_head.quantized:  # (GGUF: a head
+            self.lm_head.weight = self.model.embed_tokens.weight  # of the embedding's blocks)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata

@@ -5,9 +5,10 @@ reference (dequantize the whole weight, then matmul) would run on every call, so
 layer is rebound here instead, by activation dtype:
 
 - bfloat16 / float16: group-wise 4-bit (and 2-, 3-bit) weights go to torch's int4 CPU
-  kernel, one-group 8-bit weights to its int8 kernel (``engine.quantization.cpu_kernels``);
-  what neither takes (group-wise 8-bit, group sizes not a multiple of 32, N not a multiple
-  of 16, lookup tables) is dequantized once to the model dtype.
+  kernel, one-group 8-bit weights to its int8 kernel, group-wise 8-bit weights to the int4
+  kernel as two nibbles (``engine.quantization.cpu_kernels``); what none takes (group sizes
+  not a multiple of 32, N not a multiple of 16, lookup tables) is dequantized once to the
+  model dtype.
 - float32: the kernels compute in bf16, short of float32's exactness, so the weight is
   dequantized once to float32 (bit-exact to the reference weight, float32 matmul speed;
   serve with ``--dtype bfloat16`` for the int kernels).
@@ -29,6 +30,7 @@ from engine.quantization.cpu_kernels import (
     int4_kernel_group,
     pack_int4_cpu,
     pack_int8_cpu,
+    pack_int8_pair_cpu,
 )
 
 if TYPE_CHECKING:
@@ -72,8 +74,14 @@ def bind_packed_cpu(method: PackedLinearMethod, layer: Linear, dtype: torch.dtyp
              "bfloat16 compute)", label)
         _bind_int8(method, layer, k)
         return
+    elif bits == 8 and isinstance(int4_kernel_group(k, n, group), int):
+        _log(label, "int8-pair", "%s 8-bit with a scale per %d on the CPU: its values as two nibbles "
+             "through torch's int4 weight-only kernel (bfloat16 compute; the int8 kernel takes one "
+             "scale per output channel only)", label, group)
+        _bind_int8_pair(method, layer, k)
+        return
     else:
-        reason = f"group size {group} < in_features: the int8 kernel takes one scale per output channel only"
+        reason = f"group size {group}: neither the int8 kernel (one scale per output channel) nor the int4 kernel takes it"
     _log(label, f"dense-{reason}", "%s %d-bit on the CPU: no CPU kernel for this layer (%s); weights "
          "dequantized once at load to %s", label, getattr(method.config, "bits", bits), reason, dtype)
     _bind_dense(method, layer, dtype)
@@ -110,6 +118,18 @@ def _bind_int4(method: PackedLinearMethod, layer: Linear, k: int) -> None:
     layer.register_buffer("cpu_scales_zeros", packed.scales_and_zeros)
     method.cpu_group = packed.group
     method.cpu_kind = "int4"
+
+
+def _bind_int8_pair(method: PackedLinearMethod, layer: Linear, k: int) -> None:
+    q = unpack_along_k(layer.qweight, 8, k)  # [K, N], runtime channel order
+    scales = layer.scales.float()
+    pair = pack_int8_pair_cpu(q, scales, -layer.zeros.double() * scales.double(), method.group_size)
+    _drop_packed(layer)
+    for half, weights in (("high", pair.high), ("low", pair.low)):  # buffers: counted as weights
+        layer.register_buffer(f"cpu_{half}_qweight", weights.qweight)
+        layer.register_buffer(f"cpu_{half}_scales_zeros", weights.scales_and_zeros)
+    method.cpu_pair = pair  # the same tensors, as the kernel takes them
+    method.cpu_kind = "int8_pair"
 
 
 def _bind_int8(method: PackedLinearMethod, layer: Linear, k: int) -> None:

@@ -131,6 +131,58 @@ def int4_mm_cpu(
     return y if bias is None else y + bias.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class Int8PairWeights:
+    """A group-wise 8-bit weight as two int4 kernel weights, its high and low nibbles."""
+
+    high: Int4Weights
+    low: Int4Weights
+
+
+def pack_int8_pair_cpu(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int
+) -> Int8PairWeights:
+    """``W = q * scales + offsets`` per group with ``q [K, N]`` in ``0..255`` -> two int4
+    kernel weights whose products add up to ``x W``.
+
+    torch's only CPU int8 kernel takes one scale per output channel, so a weight with a
+    scale per group (GGUF Q8_0 and Q5_K, group-wise 8-bit GPTQ) would otherwise be
+    dequantized to bf16 (2 bytes a value); as nibbles it reads 1 byte a value plus scales.
+    With ``q = 16 h + l``: ``W = (16 s) h + (offset + 8 s)`` plus ``s l - 8 s``, each centred
+    on the kernel's 8, so neither half carries a large constant that the other cancels.
+    Raises ``ValueError`` for a shape the int4 kernel does not take."""
+    if q.dtype.is_floating_point or q.dim() != 2:
+        raise ValueError(f"q must be a 2-D integer tensor [K, N], got {q.dtype} {list(q.shape)}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 255):
+        raise ValueError(f"8-bit values must lie in 0..255, got {int(q.min())}..{int(q.max())}")
+    q = q.to(torch.int32)
+    s = scales.double()
+    high = pack_int4_cpu(q >> 4, 16 * s, offsets.double() + 8 * s, group)
+    low = pack_int4_cpu(q & 15, s, -8 * s, group)
+    return Int8PairWeights(high, low)
+
+
+def int8_pair_mm_cpu(x: torch.Tensor, pair: Int8PairWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W [K, N] (+ bias)`` for a weight packed by :func:`pack_int8_pair_cpu`."""
+    y = int4_mm_cpu(x, pair.high.qweight, pair.high.scales_and_zeros, pair.high.group)
+    y = y + int4_mm_cpu(x, pair.low.qweight, pair.low.scales_and_zeros, pair.low.group)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def bind_int8_pair_cpu(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int,
+    bias: torch.Tensor | None = None,
+):
+    """As :func:`bind_int4_cpu`, for group-wise 8-bit weights (:func:`pack_int8_pair_cpu`)."""
+    packed = pack_int8_pair_cpu(q, scales, offsets, group)
+
+    def kernel(x: torch.Tensor) -> torch.Tensor:
+        return int8_pair_mm_cpu(x, packed, bias)
+
+    kernel.pair = packed  # type: ignore[attr-defined]
+    return kernel
+
+
 def unpack_int4_cpu(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int) -> torch.Tensor:
     """``W [K, N]`` float32 of the packed buffers, ``(q - 8) * scale + zero`` with the bf16
     scales and zeros the kernel uses (tests and debugging: it runs the kernel on an identity).

@@ -115,7 +115,7 @@ class PackedLinearMethod(QuantLinearMethod):
     runtime_bits: int = 4
     group_size: int = 0
     lut_gemm: bool = False
-    cpu_kind: str | None = None  # "int4" | "int8" | "dense" once bound for the CPU
+    cpu_kind: str | None = None  # "int4" | "int8" | "int8_pair" | "dense" once bound for the CPU
     cpu_group: int = 0  # the int4 CPU kernel's group size
 
     def __init__(self, config: PackedQuantConfig) -> None:
@@ -151,7 +151,7 @@ class PackedLinearMethod(QuantLinearMethod):
         if perm is not None:
             x = x.index_select(1, perm)
         dense = getattr(layer, "dense_weight", None)
-        if self.cpu_kind in ("int4", "int8"):
+        if self.cpu_kind in ("int4", "int8", "int8_pair"):
             y = self._cpu_kernel(layer, x)
         elif dense is not None:
             y = x @ dense.to(x.dtype)
@@ -186,12 +186,14 @@ class PackedLinearMethod(QuantLinearMethod):
         return None
 
     def _cpu_kernel(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from engine.quantization.cpu_kernels import int4_mm_cpu, int8_mm_cpu
+        from engine.quantization.cpu_kernels import int4_mm_cpu, int8_mm_cpu, int8_pair_mm_cpu
 
         if x.is_cuda:
             raise RuntimeError("this layer was bound to a CPU kernel at load; load the model on the GPU instead")
         if self.cpu_kind == "int4":
             return int4_mm_cpu(x, layer.cpu_qweight, layer.cpu_scales_zeros, self.cpu_group, layer.bias)
+        if self.cpu_kind == "int8_pair":
+            return int8_pair_mm_cpu(x, self.cpu_pair, layer.bias)
         return int8_mm_cpu(x, layer.cpu_qweight, layer.cpu_scales, layer.cpu_offsets, layer.bias)
 
     @torch.no_grad()
@@ -206,6 +208,12 @@ class PackedLinearMethod(QuantLinearMethod):
             from engine.quantization.cpu_kernels import unpack_int4_cpu
 
             w = unpack_int4_cpu(layer.cpu_qweight, layer.cpu_scales_zeros, self.cpu_group)
+        elif self.cpu_kind == "int8_pair":
+            from engine.quantization.cpu_kernels import unpack_int4_cpu
+
+            pair = self.cpu_pair
+            w = sum(unpack_int4_cpu(half.qweight, half.scales_and_zeros, half.group)
+                    for half in (pair.high, pair.low))
         elif self.cpu_kind == "int8":
             w = layer.cpu_qweight.t().float() * layer.cpu_scales.float()
             if layer.cpu_offsets is not None:
