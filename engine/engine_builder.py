@@ -47,6 +47,9 @@ class EngineCore:
     scheduler: Scheduler
 
 
+INT_KERNEL_METHODS = ("awq", "gptq")  # CPU int4/int8 kernels in bf16 (engine.quantization.cpu_bind)
+
+
 def load_model_for(config: EngineConfig) -> LoadedModel:
     """Resolve device, dtype and quantization for ``config``; load tokenizer and model."""
     from engine.config import ModelConfig
@@ -61,13 +64,14 @@ def load_model_for(config: EngineConfig) -> LoadedModel:
         return load_gguf_for(config)
     device = resolve_device(config.device)
     model_config = ModelConfig.from_pretrained(config.model_path)
-    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
-    tokenizer = Tokenizer.from_pretrained(
-        config.model_path, extra_eos_token_ids=tuple(model_config.eos_token_ids)
-    )
     quant = resolve_quantization(
         config.quantization, config.model_path, model_config.quantization_config,
         {"bnb_quant_type": config.bnb_quant_type},
+    )
+    int_weights = quant is not None and quant.name in INT_KERNEL_METHODS
+    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device, int_weights)
+    tokenizer = Tokenizer.from_pretrained(
+        config.model_path, extra_eos_token_ids=tuple(model_config.eos_token_ids)
     )
     with reading_checkpoint():  # a state-dict file is unpickled once for both
         model = load_model(config.model_path, dtype, device, config=model_config, quant=quant)

@@ -131,10 +131,11 @@ def test_loaded_weights_equal_transformers_dequantization(layout: str, files) ->
 
 
 def _our_greedy(path: Path, tokens: int, **config: int) -> list:
-    """Our engine's greedy results for PROMPTS on the model at ``path``, on the CPU."""
+    """Our engine's greedy results for PROMPTS on the model at ``path``, on the CPU in
+    float32 (the exact mode; ``auto`` picks bf16 kernels for block-quantized files)."""
     from engine import create_engine
 
-    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", **config))
+    engine = create_engine(EngineConfig(model_path=str(path), device="cpu", dtype="float32", **config))
     try:
         return engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=tokens,
                                                        ignore_eos=True))
@@ -162,6 +163,16 @@ def test_served_quantization_and_config_come_from_the_file(files) -> None:
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     _, quant = load_gguf_model(ck, torch.float32, "cpu")
     assert quant is not None and quant.describe() == "gguf Q4_K x10, Q6_K x5"  # 2 layers x 7 + head
+
+
+def test_auto_dtype_on_the_cpu_is_bf16_for_block_quantized_files(files) -> None:
+    from engine.device import cpu_has_bf16_kernels
+    from engine.gguf.load import load_gguf_for
+
+    blocks = load_gguf_for(EngineConfig(model_path=str(files("Q4_0")), device="cpu"))
+    plain = load_gguf_for(EngineConfig(model_path=str(files("F16")), device="cpu"))
+    assert blocks.dtype == (torch.bfloat16 if cpu_has_bf16_kernels() else torch.float32)
+    assert plain.dtype == torch.float32
 
 
 def test_qwen3_head_dim_comes_from_the_file(tmp_path: Path) -> None:

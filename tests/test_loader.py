@@ -237,6 +237,20 @@ def test_resolve_device_and_dtype() -> None:
         resolve_dtype("int8", None, cpu)
 
 
+def test_auto_dtype_on_the_cpu_follows_the_int_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int-quantized weights (AWQ, GPTQ, GGUF blocks) get bf16 activations where the CPU has
+    native bf16 (their kernels' dtype); float32 elsewhere and for plain weights; an explicit
+    dtype always wins."""
+    import engine.device
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(engine.device, "cpu_has_bf16_kernels", lambda native=native: native)
+        assert resolve_dtype("auto", None, cpu, int_weights=True) == (torch.bfloat16 if native else torch.float32)
+        assert resolve_dtype("auto", "bfloat16", cpu, int_weights=False) == torch.float32
+        assert resolve_dtype("float32", None, cpu, int_weights=True) == torch.float32
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_a_clear_error() -> None:
     with pytest.raises(EngineError, match="no CUDA GPU"):

@@ -48,7 +48,8 @@ def load_gguf_for(config: EngineConfig) -> LoadedModel:
     ck = GGUFCheckpoint(config.model_path)
     model_config = ck.model_config()
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device)
+    blocks = gguf_quant_config(ck, model_config) is not None  # int kernels for its blocks
+    dtype = resolve_dtype(config.dtype, model_config.torch_dtype, device, blocks)
     tokenizer = Tokenizer(ck.hf_tokenizer(), extra_eos_token_ids=tuple(model_config.eos_token_ids))
     model, quant = load_gguf_model(ck, dtype, device, model_config)
     return LoadedModel(tokenizer, model, device, dtype, None, quant.describe() if quant else "none")

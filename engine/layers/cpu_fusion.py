@@ -136,6 +136,8 @@ def fuse_cpu_projections(model: torch.nn.Module, dtype: torch.dtype) -> int:
     made, kept = 0, []
     for module in model.modules():
         for fused_name, member_names in getattr(type(module), "FUSED_PROJECTIONS", {}).items():
+            if getattr(module, fused_name, None) is not None:
+                continue  # fused by an earlier call
             members = [getattr(module, name) for name in member_names]
             fused = _fuse(members, dtype)
             if fused is None:
