@@ -44,7 +44,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # overrides the memory plan (tests, boxes where it is wrong)
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    enforce_eager: bool = False  # True: no CUDA graphs / compiled CPU step for decode steps
     project_shares: tuple[tuple[str, float], ...] = ()  # (project, kv_share); empty: one pool
     seed: int = 0
 

@@ -14,6 +14,7 @@ import torch
 
 from engine.api import EngineConfig
 from engine.block_manager import BlockManager
+from engine.cpu_graphs import CpuDecodeGraph, cpu_decode_graph
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_setup import allocate_kv_cache, load_kv_scales, plan_kv_cache
 from engine.layers.cpu_fusion import fuse_cpu_projections
@@ -100,7 +101,8 @@ def build_core(
     kv_scales: tuple[list[float], list[float]] | None = None,
 ) -> EngineCore:
     """Plan memory and allocate the paged KV cache once (``engine.kv_setup``); capture
-    decode graphs on CUDA unless ``enforce_eager``."""
+    decode graphs on CUDA, or compile the CPU decode step in half precision, unless
+    ``enforce_eager``."""
     max_model_len = resolve_max_model_len(config, model)
     vocab_size = int(model.config.vocab_size)
     if device.type == "cpu":  # before the plan: a tied head's packed copy takes memory
@@ -108,10 +110,13 @@ def build_core(
         pack_cpu_linears(model)
     memory_plan = plan_kv_cache(model, config, device, dtype, max_model_len)
     kv_cache = allocate_kv_cache(model, memory_plan, config, device, dtype, kv_scales)
-    graphs = None
+    graphs: DecodeGraphs | CpuDecodeGraph | None = None
     if device.type == "cuda" and not config.enforce_eager:
         graphs = DecodeGraphs(model, model.config.hidden_size, dtype, device,
                               config.max_num_seqs, max_model_len, config.block_size)
+    elif device.type == "cpu" and not config.enforce_eager:
+        kv_cache.bind(model)  # (the runner binds it too) the graph's warm-up step needs it
+        graphs = cpu_decode_graph(model, kv_cache, dtype)  # half precision only
     runner = ModelRunner(model, kv_cache, device, seed=config.seed, graphs=graphs)
     block_manager = BlockManager(
         memory_plan.num_blocks, config.block_size,

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from engine.cpu_graphs import CpuDecodeGraph
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import PagedKVCache
 from engine.layers.attention import AttentionMetadata
@@ -33,10 +34,10 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         device: torch.device,
         seed: int = 0,
-        graphs: DecodeGraphs | None = None,
+        graphs: DecodeGraphs | CpuDecodeGraph | None = None,
     ) -> None:
         self.model = model
-        self.graphs = graphs  # decode-only batches replay CUDA graphs when set
+        self.graphs = graphs  # decode-only batches: CUDA graphs, or a compiled CPU step
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = device

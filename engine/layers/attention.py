@@ -135,8 +135,11 @@ class DecodePlan:
 
     @classmethod
     def build(
-        cls, meta: AttentionMetadata, block_size: int, sliding_window: int | None
+        cls, meta: AttentionMetadata, block_size: int, sliding_window: int | None,
+        min_keys: int = 1, always_mask: bool = False,
     ) -> DecodePlan | None:
+        """``min_keys``: pad to at least this many (masked) keys; ``always_mask``: a mask
+        tensor even when every key is visible (a compiled step: one graph for both)."""
         if not meta.decode_only or not meta.seq_lens_list or min(meta.seq_lens_list) < 1:
             return None
         if bool((meta.slot_mapping < 0).any()):
@@ -146,14 +149,26 @@ class DecodePlan:
         start = torch.zeros_like(lens)
         if sliding_window is not None:  # keys older than the window are never read
             start = (lens - sliding_window).clamp(min=0)
-        num_keys = int((lens - start).max())
+        num_keys = max(int((lens - start).max()), min_keys)
         pos = start + torch.arange(num_keys, device=device)[None, :]  # [B, L] key positions
         visible = pos < lens
         pos = torch.where(visible, pos, 0)
         blocks = meta.block_tables.long().gather(1, pos // block_size)
         slots = (blocks * block_size + pos % block_size).reshape(-1)
-        mask = None if bool(visible.all()) else visible[:, None, None, :]
+        mask = None if bool(visible.all()) and not always_mask else visible[:, None, None, :]
         return cls(slots, mask, num_keys)
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A CPU decode step as tensors only, for a compiled step (``engine.cpu_graphs``): this
+    step's cache slots, the keys' slots ``[B * L]`` and visibility ``[B, 1, 1, L]`` (always a
+    tensor, so one compiled graph serves both), and every layer's ``(k, v)`` cache."""
+
+    slot_mapping: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    caches: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 @cache
@@ -193,6 +208,11 @@ class Attention(torch.nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         # q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]
+        if isinstance(meta, DecodeStep):
+            k_cache, v_cache = meta.caches[self.layer_idx]
+            out = _decode_attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.slots,
+                                    meta.mask, self.scale)
+            return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         cache_ = self.kv_cache
         if cache_ is None:
             raise RuntimeError(f"layer {self.layer_idx} has no KV cache: call PagedKVCache.bind")
@@ -242,16 +262,33 @@ def _attend_torch_decode(
     plan = meta.decode_plan(cache_.k.shape[1], sliding_window)
     if plan is None:
         return _attend_torch(q, k, v, meta, cache_, scale, sliding_window)
+    return _decode_attention(q, k, v, cache_.k, cache_.v, meta.slot_mapping, plan.slots,
+                             plan.mask, scale)
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's ``k, v [B, Hkv, D]`` at ``slot_mapping``, then attend each one-token
+    query ``q [B, Hq, D]`` to the keys at ``slots [B * L]`` (``mask [B, 1, 1, L]``)."""
     b, num_kv_heads, head_dim = q.shape[0], k.shape[1], k.shape[2]
-    flat_k = cache_.k.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
-    flat_v = cache_.v.view(-1, num_kv_heads, head_dim)
-    flat_k.index_copy_(0, meta.slot_mapping, k)
-    flat_v.index_copy_(0, meta.slot_mapping, v)
-    shape = (b, plan.num_keys, num_kv_heads, head_dim)
-    keys = flat_k.index_select(0, plan.slots).view(shape).transpose(1, 2)  # [B, Hkv, L, D]
-    values = flat_v.index_select(0, plan.slots).view(shape).transpose(1, 2)
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, Hkv, D]
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    flat_k.index_copy_(0, slot_mapping, k)
+    flat_v.index_copy_(0, slot_mapping, v)
+    shape = (b, slots.shape[0] // b, num_kv_heads, head_dim)
+    keys = flat_k.index_select(0, slots).view(shape).transpose(1, 2)  # [B, Hkv, L, D]
+    values = flat_v.index_select(0, slots).view(shape).transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :].float(), keys.float(), values.float(), attn_mask=plan.mask,
+        q[:, :, None, :].float(), keys.float(), values.float(), attn_mask=mask,
         scale=scale, enable_gqa=q.shape[1] != num_kv_heads,
     )  # [B, Hq, 1, D] float32
     return o[:, :, 0, :].to(q.dtype)

@@ -16,12 +16,14 @@ import torch
 
 from engine.config import ModelConfig
 from engine.layers.activation import silu_and_mul
-from engine.layers.attention import Attention, AttentionMetadata
+from engine.layers.attention import Attention, AttentionMetadata, DecodeStep
 from engine.layers.embedding import VocabEmbedding
 from engine.layers.linear import Linear, make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_rolled, signed_sin
 from engine.quantization.base import QuantConfig
+
+RopeRows = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # cos, sin, signed sin
 
 
 class LlamaAttention(torch.nn.Module):
@@ -124,14 +126,21 @@ class LlamaModel(torch.nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionMetadata | DecodeStep,
+        rope: RopeRows | None = None,
     ) -> torch.Tensor:
+        """``rope``: ``rope_rows(positions)`` computed already (a compiled CPU step does it
+        outside the graph: the table lookup reads the largest position)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary_emb(positions, x.dtype)  # [T, head_dim] each
-        sin_signed = signed_sin(sin) if x.device.type == "cpu" else None  # for fused q/k
+        cos, sin, sin_signed = rope if rope is not None else self.rope_rows(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, ctx, sin_signed)
         return self.norm(x)
+
+    def rope_rows(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeRows:
+        """``cos, sin [T, head_dim]`` and, on the CPU, ``signed_sin(sin)`` for fused q/k."""
+        cos, sin = self.rotary_emb(positions, dtype)
+        return cos, sin, signed_sin(sin) if positions.device.type == "cpu" else None
 
 
 class LlamaForCausalLM(torch.nn.Module):
