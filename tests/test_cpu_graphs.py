@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
 import engine.cpu_graphs as cpu_graphs
