@@ -98,3 +98,26 @@ def test_a_step_that_fails_later_runs_eagerly_from_then_on(compiled, caplog: pyt
         assert not graphs.ready and "recompile failed" in caplog.text
     finally:
         graphs._compiled, graphs.ready = working, True
+
+
+def test_two_engines_in_one_process_run_their_own_graphs(tmp_path) -> None:
+    """A model of another structure (a GGUF file's int4 layers, then plain layers) compiled
+    in the same process gets its own graph, not the first engine's, whose guards on the
+    weights are skipped."""
+    from tests.gguf_files import gguf_file
+
+    first = create_engine(EngineConfig(model_path=str(gguf_file(tmp_path, "Q4_1")), device="cpu",
+                                       dtype="bfloat16", max_model_len=128, num_kv_blocks=64))
+    try:
+        assert first.runner.graphs is not None and first.runner.graphs.ready
+        _greedy(first, PROMPTS[:1], 3)
+        other = _engine("llama", "bfloat16")
+        eager = _engine("llama", "bfloat16", enforce_eager=True)
+        try:
+            assert other.runner.graphs is not None and other.runner.graphs.ready
+            assert _greedy(other, PROMPTS) == _greedy(eager, PROMPTS)
+        finally:
+            other.shutdown()
+            eager.shutdown()
+    finally:
+        first.shutdown()
