@@ -93,7 +93,10 @@ FLAGS: tuple[Flag, ...] = (
        "how --quantization bitsandbytes quantizes a plain model while loading it: 4-bit nf4 "
        "or fp4, or 8-bit int8 (LLM.int8); a pre-quantized bitsandbytes checkpoint keeps its own",
        choices=("nf4", "fp4", "int8")),
-    _f("dtype", "str", "auto", "engine", M, "compute dtype; auto: the checkpoint's fp16/bf16 on a GPU, float32 on the CPU",
+    _f("dtype", "str", "auto", "engine", M,
+       "compute dtype; auto: the checkpoint's fp16/bf16 on a GPU; on the CPU float32 (exact), "
+       "but bfloat16 for AWQ/GPTQ/GGUF-block weights where the CPU has AVX512-BF16 (their "
+       "int kernels' dtype)",
        choices=("auto", "float32", "float16", "bfloat16")),
     _f("max_model_len", "int", 4096, "engine", M,
        "longest sequence (prompt + reply) in tokens; the default is lowered to the model's own "
@@ -130,7 +133,9 @@ FLAGS: tuple[Flag, ...] = (
     _f("max_num_seqs", "int", 32, "engine", D, "sequences in one batch", minimum=1),
     _f("enforce_eager", "bool", False, "engine", D,
        "run every step eagerly; otherwise decode steps on a GPU replay CUDA graphs captured "
-       "for batch sizes 1, 2, 4, 8, then every 16 up to --max_num_seqs"),
+       "for batch sizes 1, 2, 4, 8, then every 16 up to --max_num_seqs, and on the CPU in "
+       "bfloat16/float16 run one torch.compile graph of the model, compiled at start-up "
+       "(tens of seconds; needs a C++ compiler, else eager)"),
     _f("max_num_batched_tokens", "int", 4096, "engine", D,
        "tokens in one forward pass (long prompts are prefilled in chunks)", minimum=16),
     # generation
