@@ -196,7 +196,8 @@ class LLMEngine:
             try:
                 busy = self.scheduler.has_unfinished()
                 if not busy and not team_idle:  # idle: leave the cores to other teams
-                    team_idle = release_calling_thread_pool() or True
+                    release_calling_thread_pool()
+                    team_idle = True
                 stop = self._drain_inbox(block=not busy)
                 if not stop and self.scheduler.has_unfinished():
                     self._step()
