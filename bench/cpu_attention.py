@@ -14,12 +14,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 CASES = [(1, 100), (1, 400), (16, 100), (16, 400)]
+SCALE = HEAD_DIM**-0.5
+
+
+def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
+
+
+def f32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """As ``_decode_attention``: read into float32, attend, cast back."""
+    return F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), scale=SCALE, enable_gqa=True).to(q.dtype)
 
 
 def timed_us(fn, repeats: int) -> float:
@@ -48,16 +60,8 @@ def main() -> None:
             q = torch.randn(b, HEADS, 1, HEAD_DIM, generator=gen).bfloat16()
             k = torch.randn(b, KV_HEADS, n, HEAD_DIM, generator=gen).bfloat16()
             v = torch.randn(b, KV_HEADS, n, HEAD_DIM, generator=gen).bfloat16()
-            scale = HEAD_DIM**-0.5
-
-            def bf16() -> torch.Tensor:
-                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-
-            def f32() -> torch.Tensor:  # as _decode_attention: read into float32, cast back
-                return F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), scale=scale, enable_gqa=True).to(q.dtype)
-
-            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale,
+            bf16, f32 = partial(bf16_attention, q, k, v), partial(f32_attention, q, k, v)
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=SCALE,
                                                  enable_gqa=True)
             errors = [float((f().double() - ref).abs().max()) for f in (bf16, f32)]
             t_bf16, t_f32 = timed_us(bf16, args.repeats), timed_us(f32, args.repeats)

@@ -257,8 +257,9 @@ def _attend_torch_decode(
     and mask built once (``DecodePlan``), keys gathered per token, not per block.
 
     Half-precision caches are read into float32 and attended there: torch's CPU attention
-    in bfloat16 runs 2.5x (one token) to 5.6x (16 sequences of 400 keys) slower than in
-    float32 on the same values, and its result is no closer (bench/cpu_attention.py)."""
+    in bfloat16 runs 2.7x (one sequence of 100 keys) to 6.2x (16 sequences of 400 keys)
+    slower than in float32 on the same values, and its result is no closer
+    (bench/cpu_attention.py)."""
     plan = meta.decode_plan(cache_.k.shape[1], sliding_window)
     if plan is None:
         return _attend_torch(q, k, v, meta, cache_, scale, sliding_window)
