@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")  # the last: GGUF rope_freqs
 _MISSING = object()
 
 
@@ -29,8 +29,9 @@ class RopeConfig:
     """Rotary embedding: base ``theta`` and an optional scaling of the frequencies."""
 
     theta: float = 10000.0
-    rope_type: str = "default"  # default | linear | llama3
+    rope_type: str = "default"  # default | linear | llama3 | freq_factors
     factor: float = 1.0
+    freq_factors: tuple[float, ...] = ()  # freq_factors only: each pair's divisor (GGUF rope_freqs)
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
@@ -186,6 +187,11 @@ def _rope(r: _Reader) -> RopeConfig:
     theta = float(p.get("rope_theta", (int, float), r.get("rope_theta", (int, float), 10000.0)))
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type == "freq_factors":
+        factors = p.get("freq_factors", list)
+        if not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise ValueError(f"{r.source}: freq_factors must be a list of positive numbers")
+        return RopeConfig(theta=theta, rope_type="freq_factors", freq_factors=tuple(map(float, factors)))
     factor = float(p.get("factor", (int, float)))
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)

@@ -24,7 +24,7 @@ from engine.gguf.reader import GGUFCheckpoint
 from engine.gguf.types import GROUP_TYPES, GGUFTypeError, to_group_affine
 from engine.gguf.writer import write_gguf
 from engine.model_source import ModelSourceError, resolve_model
-from tests.checkpoints import tiny_checkpoint
+from tests.checkpoints import tiny_checkpoint, tiny_variant
 from tests.gguf_files import FILES, gguf_file, random_k_blocks
 
 Q = gguf.GGMLQuantizationType
@@ -337,17 +337,57 @@ def test_quantize_command_writes_gguf(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "GGUF type 'Q2_K' is not written" in capsys.readouterr().err
 
 
+@torch.inference_mode()
+def test_llama3_rope_scaling_goes_through_a_rope_freqs_tensor(tmp_path: Path) -> None:
+    """Llama 3.1 rope scaling is written as llama.cpp's converter writes it (one divisor per
+    frequency pair in ``rope_freqs``) and read back as those divisors: the GGUF's logits at
+    positions where the scaling matters equal the HF checkpoint's, and differ without it."""
+    from engine.config import RopeConfig
+    from engine.gguf.writer import rope_freq_factors
+    from engine.kv_cache import PagedKVCache
+    from engine.layers.attention import AttentionMetadata
+    from engine.layers.rotary import inv_frequencies
+    from engine.loader import load_model
+
+    src = tiny_variant("llama3-rope")
+    ck = GGUFCheckpoint(write_gguf(src, tmp_path / "l3.gguf", "F32"))
+    assert "rope_freqs.weight" in ck.tensors
+    rope = ck.model_config().rope
+    assert rope.rope_type == "freq_factors"
+    factors = np.array(rope.freq_factors)
+    hf_model = load_model(src, torch.float32, "cpu")
+    assert np.allclose(factors, rope_freq_factors(hf_model.config)) and factors.max() > 1
+    gguf_model, _ = load_gguf_model(ck, torch.float32, "cpu")
+    ids, positions = torch.tensor([3, 17, 5, 250, 9, 41, 7, 8]), torch.arange(8) + 3000
+
+    def logits(model: torch.nn.Module, inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+        if inv_freq is not None:
+            model.model.rotary_emb.inv_freq = inv_freq
+            model.model.rotary_emb._tables.clear()
+        kv = PagedKVCache(model.config.num_layers, 1, 16, model.config.num_kv_heads,
+                          model.config.head_dim, torch.float32, "cpu")
+        kv.bind(model)
+        return model.compute_logits(model(ids, positions, AttentionMetadata.build([8], [8], [[0]], 16, "cpu")))
+
+    ref = logits(hf_model)
+    assert (logits(gguf_model) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    unscaled = logits(gguf_model, inv_frequencies(hf_model.config.head_dim, RopeConfig(theta=rope.theta)))
+    assert (unscaled - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
 def _llama_cpp(path: Path, logits_all: bool = False):
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False, logits_all=logits_all)
 
 
-def test_llama_cpp_generates_our_greedy_tokens_on_our_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["llama", "llama3-rope"])
+def test_llama_cpp_generates_our_greedy_tokens_on_our_file(variant: str, tmp_path: Path) -> None:
     """llama.cpp (llama-cpp-python, built from source) loads the F32 file we wrote and picks
-    the same greedy tokens as our engine on it: names, Q/K row order, hyperparameters and
-    the tokenizer table are what llama.cpp expects."""
-    path = write_gguf(tiny_checkpoint("llama"), tmp_path / "m.gguf", "F32")
+    the same greedy tokens as our engine on it: names, Q/K row order, hyperparameters, the
+    tokenizer table and (Llama 3.1 scaling) the rope_freqs tensor are what llama.cpp expects."""
+    src = tiny_checkpoint("llama") if variant == "llama" else tiny_variant(variant)
+    path = write_gguf(src, tmp_path / "m.gguf", "F32")
     ours = _our_greedy(path, 8, num_kv_blocks=32, max_model_len=128)
     llm = _llama_cpp(path)
     for prompt, result in zip(PROMPTS, ours, strict=True):

@@ -19,7 +19,7 @@ from engine.config import ModelConfig
 from engine.gguf.cpu import bind_gguf_cpu, bind_tied_head_cpu
 from engine.gguf.linear import GGUFQuantConfig
 from engine.gguf.mapping import gguf_names, rotary_rows, unpermute_rows
-from engine.gguf.reader import GGUFCheckpoint, plain_values
+from engine.gguf.reader import ROPE_FREQS, GGUFCheckpoint, plain_values
 from engine.gguf.types import GROUP_TYPES, PLAIN_TYPES, to_group_affine
 from engine.layers.linear import Linear
 from engine.loader import tensor_name_problem
@@ -155,7 +155,9 @@ def _check_names(ck: GGUFCheckpoint, mapped: dict[str, str], config: ModelConfig
     missing = sorted(g for g in mapped.values() if g not in ck.tensors)
     used = set(mapped.values())
     tied_head = config.tie_word_embeddings and "output.weight" in ck.tensors
-    unexpected = sorted(n for n in ck.tensors if n not in used and not (tied_head and n == "output.weight"))
+    read_apart = {ROPE_FREQS} if config.rope.rope_type == "freq_factors" else set()  # by the config
+    unexpected = sorted(n for n in ck.tensors if n not in used and n not in read_apart
+                        and not (tied_head and n == "output.weight"))
     problem = tensor_name_problem(missing, unexpected)
     if problem:
         raise ValueError(f"GGUF file {ck.path} does not match its config ({config.architecture}, "

@@ -4,8 +4,8 @@ tokenizer transformers builds from its metadata (``gguf_file=``).
 transformers' GGUF config is used as it is, with three corrections from the file's own
 keys (read through ``GGUFReader.fields``): ``architectures`` (it sets none), ``head_dim``
 from ``<arch>.attention.key_length`` (its Qwen3 mapping skips that key and falls back to the
-class default), and linear rope scaling. A ``rope_freqs`` tensor (llama.cpp's Llama 3.1
-rope scaling) is refused rather than silently ignored.
+class default), and rope scaling: linear, or a ``rope_freqs`` tensor (llama.cpp's form of
+Llama 3.1 scaling: one divisor per frequency pair, which the rotary applies as it is).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from engine.gguf.types import GROUP_TYPES, PLAIN_TYPES, check_type
 _DTYPE_NAMES = {gguf.GGMLQuantizationType.F32: "float32", gguf.GGMLQuantizationType.F16: "float16",
                 gguf.GGMLQuantizationType.BF16: "bfloat16"}
 
+
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-pair rope divisors (Llama 3.1+)
 
 class GGUFCheckpoint:
     """A GGUF model file, opened once (the tensor data stays on disk until read)."""
@@ -92,13 +94,12 @@ class GGUFCheckpoint:
         return ModelConfig.from_dict(raw, source=str(self.path))
 
     def _rope(self, raw: dict[str, Any]) -> dict[str, Any]:
-        if "rope_freqs.weight" in self.tensors:
-            raise GGUFArchitectureError(
-                f"{self.path}: rope scaling stored as a rope_freqs tensor (Llama 3.1 style) is not "
-                "supported yet"
-            )
         params = dict(raw.get("rope_parameters") or {})
         theta = self.arch_field("rope.freq_base", params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        if ROPE_FREQS in self.tensors:  # Llama 3.1+: per-pair divisors, applied by llama.cpp as they are
+            factors = plain_values(self, ROPE_FREQS).reshape(-1)
+            return {"rope_type": "freq_factors", "rope_theta": float(theta),
+                    "freq_factors": [float(f) for f in factors]}
         kind = self.arch_field("rope.scaling.type", "none")
         if kind in ("none", None):
             return {"rope_type": "default", "rope_theta": float(theta)}

@@ -27,8 +27,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, RopeConfig
 from engine.gguf.mapping import WRITTEN_ARCHITECTURES, gguf_names, permute_rows, rotary_rows
+from engine.gguf.reader import ROPE_FREQS
+from engine.layers.rotary import inv_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ def write_gguf(src: str | Path, dst: str | Path, file_type: str = "Q8_0",
             tensor = permute_rows(tensor, heads)
         data, ttype = (encode or partial(_encode, qtype=qtype))(out, tensor)
         writer.add_tensor(out, data, raw_dtype=ttype)
+    if config.rope.rope_type == "llama3":  # as llama.cpp's converter: per-pair divisors
+        writer.add_tensor(ROPE_FREQS, rope_freq_factors(config), raw_dtype=Q.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -99,13 +103,21 @@ def write_gguf(src: str | Path, dst: str | Path, file_type: str = "Q8_0",
     return dst
 
 
+def rope_freq_factors(config: ModelConfig) -> np.ndarray:
+    """Llama 3.1 scaling as llama.cpp stores it: ``inv_freq / llama3_inv_freq`` per pair
+    (1 for the kept high frequencies, ``factor`` for the divided low ones)."""
+    plain = inv_frequencies(config.head_dim, RopeConfig(theta=config.rope.theta))
+    scaled = inv_frequencies(config.head_dim, config.rope)
+    return (plain.double() / scaled.double()).float().numpy()
+
+
 def _check_writable(config: ModelConfig, src: Path) -> None:
     if config.quantization_config:
         raise ValueError(f"{src} is already quantized; write GGUF from a plain fp16/bf16/fp32 checkpoint")
-    if config.rope.rope_type not in ("default", "linear"):
+    if config.rope.rope_type not in ("default", "linear", "llama3"):
         raise ValueError(
-            f"{src}: rope type {config.rope.rope_type!r} is not written to GGUF yet (llama.cpp "
-            "stores llama3 scaling as a rope_freqs tensor); default and linear are"
+            f"{src}: rope type {config.rope.rope_type!r} is not written to GGUF; default, linear "
+            "and llama3 are"
         )
     if config.sliding_window is not None:
         raise ValueError(f"{src}: a sliding-window model is not written to GGUF (llama.cpp's llama has none)")

@@ -17,6 +17,12 @@ def inv_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_scale(inv_freq, rope)
+    if rope.rope_type == "freq_factors":  # llama.cpp's rope_freqs: theta_i = p * inv_freq_i / f_i
+        factors = torch.tensor(rope.freq_factors, dtype=torch.float32, device="cpu")
+        if factors.shape != inv_freq.shape:
+            raise ValueError(f"{len(rope.freq_factors)} rope frequency factors for {inv_freq.numel()} "
+                             f"frequency pairs (head_dim {head_dim})")
+        return inv_freq / factors
     return inv_freq
 
 
