@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +74,23 @@ class Client(Recorder):
         return self.by_key()
 
 
+@contextmanager
+def serving(broker: Broker, config: AgentConfig, engine: FakeEngine, **client_options: Any) -> Iterator[Client]:
+    """An agent on ``config`` started, and a client of ``broker``; both stopped at the end."""
+    agent = Agent(config, engine)
+    agent.start()
+    client = Client(broker, **client_options)
+    try:
+        yield client
+    finally:
+        client.close()
+        agent.stop()
+
+
 def retries(broker: Broker) -> None:
     """Item 1: refused requests retried with the same requestId."""
-    agent = Agent(settings(broker, max_queue=4, max_requests_per_session=2,
-                           rate_limit_window=1.0), FakeEngine(delay=0.3))
-    agent.start()
-    client = Client(broker)
-    try:
+    with serving(broker, settings(broker, max_queue=4, max_requests_per_session=2,
+                                  rate_limit_window=1.0), FakeEngine(delay=0.3)) as client:
         for i in range(40):  # QoS 0 would not wait for room: these are refused at once
             client._client.publish("general/user_input", json.dumps({
                 "sessionId": f"o{i}", "message": f"m-o{i}", "requestId": f"r{i}",
@@ -104,9 +116,6 @@ def retries(broker: Broker) -> None:
                "2 of 3 (the retry: silence)")
         report("`Error: empty message`, fixed, same requestId",
                f"fixed one answered: {'echo: fixed' in got['empty']}", "False (silence)")
-    finally:
-        client.close()
-        agent.stop()
 
 
 def backlog(broker: Broker) -> None:
@@ -181,11 +190,9 @@ def _restart_once(broker: Broker, with_ids: bool) -> None:
         generated[prompt] += 1
         return f"answer {sum(generated.values())}"  # a second generation: another text
 
-    agent = Agent(settings(broker, mqtt_protocol="3.1.1", max_requests_per_session=10_000,
-                           max_requests_per_client=10_000), FakeEngine(numbered, delay=0.01))
-    agent.start()
-    client = Client(broker, protocol="3.1.1", persistent=True)
-    try:
+    with serving(broker, settings(broker, mqtt_protocol="3.1.1", max_requests_per_session=10_000,
+                                  max_requests_per_client=10_000), FakeEngine(numbered, delay=0.01),
+                 protocol="3.1.1", persistent=True) as client:
         for i in range(200):
             if i == 100:
                 client.holds_within(lambda: len(client.messages()) >= 20, 10)
@@ -198,9 +205,6 @@ def _restart_once(broker: Broker, with_ids: bool) -> None:
         report(f"broker restart in a burst of 200, {'with' if with_ids else 'no'} requestId",
                f"{len(twice)} replies twice, {other} of them another text",
                "1 twice (same text)" if with_ids else "4 twice, other texts")
-    finally:
-        client.close()
-        agent.stop()
 
 
 def twins(broker: Broker) -> None:
@@ -251,11 +255,8 @@ def rss_mb() -> float:
 
 def memory(broker: Broker) -> None:
     """Item 5: 600 rate-limited requests with 0.99 MB requestIds."""
-    agent = Agent(settings(broker, max_requests_per_session=1, max_payload_bytes=2_000_000),
-                  FakeEngine())
-    agent.start()
-    client = Client(broker)
-    try:
+    with serving(broker, settings(broker, max_requests_per_session=1, max_payload_bytes=2_000_000),
+                 FakeEngine()) as client:
         before = rss_mb()
         huge = "x" * 990_000
         for i in range(600):
@@ -264,17 +265,11 @@ def memory(broker: Broker) -> None:
         grown = rss_mb() - before
         report("600 requests with 0.99 MB requestIds", f"RSS +{grown:.0f} MB (the ids refused)",
                "RSS +571 MB, kept 600 s")
-    finally:
-        client.close()
-        agent.stop()
 
 
 def rotation(broker: Broker) -> None:
     """Item 8: 2,000 requests from one client, a new sessionId each."""
-    agent = Agent(settings(broker), FakeEngine())
-    agent.start()
-    client = Client(broker)
-    try:
+    with serving(broker, settings(broker), FakeEngine()) as client:
         for i in range(2000):  # PROTOCOL.md's deep reply topic: <sessionId>/<clientId>
             client.ask(f"rot{i}", wait=i % 100 == 99,
                        replyTopic=f"general/assistant_response/rot{i}/{client.name}")
@@ -282,40 +277,25 @@ def rotation(broker: Broker) -> None:
         passed = sum(p.startswith(b"echo") for p in client.payloads())
         report("2000 requests, a new sessionId each", f"{passed} answered, the rest rate limited",
                "2000 answered")
-    finally:
-        client.close()
-        agent.stop()
 
 
 def template(broker: Broker) -> None:
     """Item 7: a 900k-character P/template for the project."""
-    agent = Agent(settings(broker), FakeEngine())
-    agent.start()
-    client = Client(broker)
-    try:
+    with serving(broker, settings(broker), FakeEngine()) as client:
         client.publish("general/template", json.dumps({"template": "w " * 450_000}))
         client.ask("after-template")
         got = client.settle(1, 10).get("after-template", ["(no reply in 10 s)"])
         report("900k-character project template", f"a new session then gets: {got[0]!r}",
                "every new session: 'Error: the message is too long'")
-    finally:
-        client.close()
-        agent.stop()
 
 
 def deadlines(broker: Broker) -> None:
     """Item 17: a client that waits 0.5 s for an answer that takes 1 s."""
-    agent = Agent(settings(broker), FakeEngine(delay=1.0))
-    agent.start()
-    client = Client(broker)
-    try:
+    with serving(broker, settings(broker), FakeEngine(delay=1.0)) as client:
         client.ask("slow", timeoutS=0.5)
         time.sleep(2.0)
         got = client.by_key()["slow"]
         report("timeoutS 0.5 s, answer after 1 s", f"{got}", "the late answer, 100 s later")
-    finally:
-        client.close()
-        agent.stop()
 
 
 SCENARIOS = {"retries": retries, "backlog": backlog, "sigterm": sigterm, "restart": restart,
