@@ -88,8 +88,8 @@ class CpuDecodeGraph:
             return self._compiled(input_ids, positions, step, rope)
         except Exception as exc:  # a recompile that fails: eager from now on, this step too
             self.ready = False
-            log.warning("compiled CPU decode step failed (%s: %s); decode steps run eagerly from now on",
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            log.warning("compiled CPU decode step failed (%s); decode steps run eagerly from now on",
+                        _reason(exc))
             return self.model(input_ids, positions, meta)
 
     @torch.inference_mode()
@@ -126,6 +126,11 @@ def cpu_decode_graph(model: torch.nn.Module, kv_cache: PagedKVCache, dtype: torc
     try:
         return graph if graph.warm_up() else None
     except Exception as exc:  # no compiler, an unsupported op: eager
-        log.warning("CPU decode steps stay eager: torch.compile failed (%s: %s)", type(exc).__name__,
-                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        log.warning("CPU decode steps stay eager: torch.compile failed (%s)", _reason(exc))
         return None
+
+
+def _reason(exc: Exception) -> str:
+    """``Type: first line`` of an exception (inductor's messages run to pages)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
